@@ -1,0 +1,151 @@
+"""Training configuration: one dataclass, one help string per field.
+
+The CLI flags (`dpft train --help`), the YAML config file and the resolved `config.yaml` saved in
+every run directory all derive from `TrainConfig`. `validate()` collects every problem at once and
+names the flags, saying why a setting would break the privacy guarantee where it would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpft.errors import ConfigError
+from dpft.models.embedded import EMBEDDED_NAME
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # What to train on, and where to write.
+    data: str = _opt("", "Training records: .jsonl, .csv or .parquet (prompt/completion, text or messages).")
+    output: str = _opt("", "Run directory to create (model, privacy.json, metrics.jsonl, model card).")
+    model: str = _opt(EMBEDDED_NAME, "Hugging Face model id or local path; default: the embedded SmolLM2-135M-Instruct.")
+    # Model and adapters.
+    full: bool = _opt(False, "Fine-tune all weights (tied embeddings included) instead of LoRA adapters.")
+    lora_r: int = _opt(8, "LoRA rank.")
+    lora_alpha: float = _opt(16.0, "LoRA scaling alpha.")
+    lora_targets: str = _opt("q_proj,v_proj", "Comma-separated module names for LoRA, or 'all-linear'.")
+    dtype: str = _opt("fp32", "Weight dtype: fp32 or bf16.")
+    bf16: bool = _opt(False, "bf16 autocast for matmuls (CPU with bf16 support); norms, clipping and noise stay fp32.")
+    # Data encoding.
+    max_length: int = _opt(128, "Maximum tokens per example; longer examples are truncated and counted.")
+    loss_on: str = _opt("completion", "For prompt/completion records: 'completion' (loss on the answer) or 'all'.")
+    # Privacy.
+    no_dp: bool = _opt(False, "Non-private baseline: same loop and sampling, no clipping, no noise (privacy.json says dp: false).")
+    epsilon: float | None = _opt(8.0, "Target ε: σ is calibrated so the planned steps spend at most this; with --noise-multiplier it is a hard cap.")
+    delta: float = _opt(1e-5, "Target δ; must be well below 1/number of privacy units.")
+    noise_multiplier: float | None = _opt(None, "Noise multiplier σ; without --epsilon, ε is reported but not capped.")
+    max_grad_norm: float = _opt(1.0, "Clipping bound C on each privacy unit's gradient (L2).")
+    accountant: str = _opt("pld", "Privacy accountant: pld (tight, default) or rdp.")
+    privacy_unit: str = _opt("record", "Privacy unit: 'record', or 'user' (groups records by user_id: protects whole people).")
+    max_records_per_user: int = _opt(8, "User-level only: at most this many records per user are used (chosen once, seeded).")
+    secure_noise: bool = _opt(False, "Draw noise seeds from OS entropy (not reproducible) with the Holohan-Braghin mitigation.")
+    dataset_budget: float | None = _opt(None, "Refuse the run if the ledger's total ε on this dataset would exceed this.")
+    ledger: str | None = _opt(None, "Privacy budget ledger file (default: $DPFT_LEDGER or ~/.cache/dpft/ledger.sqlite).")
+    # Optimisation.
+    batch_size: int = _opt(64, "Expected logical batch size: each unit is sampled with probability batch_size / units.")
+    micro_batch_size: int = _opt(8, "Examples per forward/backward pass (memory cap); does not change the privacy.")
+    epochs: float = _opt(3.0, "Planned epochs (steps = epochs × units / batch_size).")
+    max_steps: int | None = _opt(None, "Planned steps; wins over --epochs when given.")
+    lr: float = _opt(5e-3, "AdamW learning rate.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    seed: int = _opt(0, "Seed for sampling, noise (unless --secure-noise) and initialisation.")
+    # Operations.
+    checkpoint_every: int = _opt(50, "Write a resumable checkpoint every N steps (0: only at the end).")
+    resume: str | None = _opt(None, "Resume the run in this directory after a crash (its saved config is used).")
+    quiet: bool = _opt(False, "No progress bar.")
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every invalid setting at once."""
+        problems = [p for check in _CHECKS for p in check(self)]
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        """Read a YAML config; unknown keys are an error (a typo must not silently change privacy)."""
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError([f"{path}: cannot read config ({str(err).splitlines()[0]})"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: a config file must be a mapping of option names to values"])
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError([f"{path}: unknown option(s) {', '.join(unknown)}"])
+        return cls(**raw)
+
+
+def _check_paths(c: TrainConfig) -> list[str]:
+    out = []
+    if not c.data:
+        out.append("--data is required")
+    if not c.output:
+        out.append("--output is required")
+    return out
+
+
+def _check_choices(c: TrainConfig) -> list[str]:
+    choices = {
+        "--dtype": (c.dtype, ("fp32", "bf16")),
+        "--loss-on": (c.loss_on, ("completion", "all")),
+        "--accountant": (c.accountant, ("pld", "rdp")),
+        "--privacy-unit": (c.privacy_unit, ("record", "user")),
+    }
+    return [f"{flag} must be one of {', '.join(ok)} (got {value!r})" for flag, (value, ok) in choices.items() if value not in ok]
+
+
+def _check_numbers(c: TrainConfig) -> list[str]:
+    positive = {
+        "--lora-r": c.lora_r, "--lora-alpha": c.lora_alpha, "--max-length": c.max_length,
+        "--batch-size": c.batch_size, "--micro-batch-size": c.micro_batch_size, "--lr": c.lr,
+        "--max-records-per-user": c.max_records_per_user,
+    }
+    out = [f"{flag} must be > 0 (got {v})" for flag, v in positive.items() if not (v > 0)]
+    if c.max_steps is None and not (c.epochs > 0 and math.isfinite(c.epochs)):
+        out.append(f"--epochs must be > 0 (got {c.epochs})")
+    if c.max_steps is not None and c.max_steps <= 0:
+        out.append(f"--max-steps must be > 0 (got {c.max_steps})")
+    if c.checkpoint_every < 0:
+        out.append(f"--checkpoint-every must be >= 0 (got {c.checkpoint_every})")
+    if c.weight_decay < 0:
+        out.append(f"--weight-decay must be >= 0 (got {c.weight_decay})")
+    return out
+
+
+def _check_privacy(c: TrainConfig) -> list[str]:
+    if c.no_dp:
+        return []
+    out = []
+    if c.epsilon is None and c.noise_multiplier is None:
+        out.append("give --epsilon (target) or --noise-multiplier, or --no-dp for a non-private baseline")
+    if c.epsilon is not None and not (0 < c.epsilon < math.inf):
+        out.append(f"--epsilon must be a finite number > 0 (got {c.epsilon})")
+    if c.noise_multiplier is not None and not (c.noise_multiplier > 0):
+        out.append(f"--noise-multiplier must be > 0 (got {c.noise_multiplier}); σ = 0 gives no privacy")
+    if not (0 < c.delta < 1):
+        out.append(f"--delta must be in (0, 1) (got {c.delta})")
+    if not (c.max_grad_norm > 0 and math.isfinite(c.max_grad_norm)):
+        out.append(f"--max-grad-norm must be a finite number > 0 (got {c.max_grad_norm}); it bounds each unit's influence")
+    if c.dataset_budget is not None and not (c.dataset_budget > 0):
+        out.append(f"--dataset-budget must be > 0 (got {c.dataset_budget})")
+    return out
+
+
+_CHECKS = (_check_paths, _check_choices, _check_numbers, _check_privacy)

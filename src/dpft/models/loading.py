@@ -1,0 +1,92 @@
+"""Load a causal LM and its tokenizer; wrap it with LoRA adapters through peft."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpft.errors import DpftError
+from dpft.models.embedded import EMBEDDED_NAME, embedded_model_dir
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for (hub id, path, or the embedded name)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the embedded model's name to its safetensors cache; leave hub ids and paths as they are."""
+    return str(embedded_model_dir()) if name == EMBEDDED_NAME else name
+
+
+def load_base_model(name: str = EMBEDDED_NAME, dtype: str = "fp32") -> LoadedModel:
+    """Load a causal LM by hub id, local path, or the embedded name `smollm2-135m-instruct`.
+
+    Raises:
+        DpftError: unknown dtype, or a model that cannot be found or loaded (no hub access here).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise DpftError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as err:  # missing path, or a hub id with no network
+        raise DpftError(f"--model {name}: cannot load ({_first_line(err)})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name)
+
+
+def with_lora(model: torch.nn.Module, r: int, alpha: float, targets: str, dropout: float = 0.0):
+    """Freeze the base model and add trainable LoRA adapters (peft).
+
+    Args:
+        targets: comma-separated module names (e.g. "q_proj,v_proj") or "all-linear".
+    """
+    from peft import LoraConfig, get_peft_model
+
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM"
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise DpftError(f"--lora-targets {targets}: {_first_line(err)}") from None
+
+
+def load_run_model(run_dir: str | Path, dtype: str = "fp32") -> LoadedModel:
+    """Load the model trained in a dpft run directory (adapter merged onto its base, or full weights).
+
+    Raises:
+        DpftError: not a run directory, or its files are incomplete.
+    """
+    run = Path(run_dir)
+    meta_path = run / "model" / "dpft-model.json"
+    if not meta_path.is_file():
+        raise DpftError(f"{run}: not a dpft run directory (no model/dpft-model.json); did training finish?")
+    meta = json.loads(meta_path.read_text())
+    if meta["kind"] == "full":
+        loaded = load_base_model(str(run / "model"), dtype)
+    else:
+        from peft import PeftModel
+
+        loaded = load_base_model(meta["base_model"], dtype)
+        loaded.model = PeftModel.from_pretrained(loaded.model, run / "model").merge_and_unload()
+    loaded.source = str(run)
+    return loaded
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,109 @@
+"""Atomic, checksummed checkpoints: trainable weights, optimizer, and the loop's state.
+
+A checkpoint is a folder `checkpoints/step-000123/` holding `weights.safetensors`, `optimizer.pt`,
+`state.json` and `manifest.json` (sha256 of each file). It is written into a temporary folder,
+fsynced, then renamed into place, and `checkpoints/latest` is replaced atomically last: a crash at
+any point leaves the previous checkpoint intact. Loading verifies every checksum and that the
+checkpoint belongs to this run's configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpft.errors import CheckpointError
+
+FILES = ("weights.safetensors", "optimizer.pt", "state.json")
+
+
+def save_checkpoint(
+    root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict, state: dict[str, Any]
+) -> Path:
+    """Write checkpoint `step` under `root` atomically and point `root/latest` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / FILES[0])
+        torch.save(optimizer, tmp / FILES[1])
+        (tmp / FILES[2]).write_text(json.dumps(state))
+        manifest = {name: _sha256(tmp / name) for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for name in (*FILES, "manifest.json"):
+            _fsync(tmp / name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / "latest", final.name)
+    _prune(root, keep=final.name)
+    return final
+
+
+def load_checkpoint(root: Path, config_hash: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """Load and verify the latest checkpoint under `root`.
+
+    Raises:
+        CheckpointError: none found, a checksum mismatch (truncated or tampered file), or a
+            checkpoint written under a different configuration.
+    """
+    latest = root / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{root}: no checkpoint to resume from")
+    path = root / latest.read_text().strip()
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{manifest_path}: missing or unreadable checkpoint manifest") from None
+    for name in FILES:
+        if manifest.get(name) != _sha256_or_none(path / name):
+            raise CheckpointError(f"{path / name}: checksum mismatch (truncated or modified); refusing to resume")
+    state = json.loads((path / FILES[2]).read_text())
+    if state.get("config_hash") != config_hash:
+        raise CheckpointError(f"{path}: checkpoint was written with a different configuration; refusing to resume")
+    weights = load_file(path / FILES[0])
+    optimizer = torch.load(path / FILES[1], weights_only=True)
+    return weights, optimizer, state
+
+
+def _prune(root: Path, keep: str) -> None:
+    """Keep only the newest checkpoint (they are large); leftovers of crashed writes go too."""
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    return _sha256(path) if path.is_file() else None
