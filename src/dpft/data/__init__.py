@@ -1,0 +1,16 @@
+"""Training data: read and validate records, encode them into examples, generate synthetic data."""
+
+from dpft.data.encode import EncodedDataset, Example, collate, encode_records
+from dpft.data.records import Record, count_duplicates, read_records
+from dpft.data.synth_medical import synth_medical
+
+__all__ = [
+    "EncodedDataset",
+    "Example",
+    "Record",
+    "collate",
+    "count_duplicates",
+    "encode_records",
+    "read_records",
+    "synth_medical",
+]
