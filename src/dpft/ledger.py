@@ -1,0 +1,234 @@
+"""The privacy budget ledger: every run that touched a dataset, and the ε they spent together.
+
+A SQLite file (``~/.cache/dpft/ledger.sqlite``, or ``$DPFT_LEDGER``, or an explicit path) keyed
+by a dataset fingerprint, the sha256 of the training file or of its records. Each entry holds
+numbers, ids and paths only, never training text. DP entries keep their accountant history,
+(q, σ, count) segments, so the total over all runs is the exact composition of all segments at
+the δ asked for (valid whatever δ each run reported). Entries without segments can only be
+added by basic composition (ε and δ summed), and a non-private run exposes the dataset (ε = ∞).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from dpft.errors import BudgetExceededError
+from dpft.privacy.accounting import PrivacyAccountant
+
+Segment = tuple[float, float, int]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fingerprint TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    output TEXT NOT NULL,
+    created TEXT NOT NULL,
+    dp INTEGER NOT NULL,
+    epsilon REAL,
+    delta REAL,
+    accountant TEXT,
+    segments TEXT NOT NULL,
+    UNIQUE (fingerprint, run_id)
+);
+"""
+_COLUMNS = "run_id, output, created, dp, epsilon, delta, accountant, segments"
+_BUSY_TIMEOUT_MS = 60_000
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEntry:
+    """One run on a dataset. `segments` is the run's accountant history (empty if not DP)."""
+
+    run_id: str
+    output: str
+    created: str
+    dp: bool
+    epsilon: float | None
+    delta: float | None
+    accountant: str | None
+    segments: list[Segment]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spend:
+    """The budget spent on a dataset at δ, and how the runs were combined.
+
+    `method` is "none" (no run), "composed" (all DP runs' segments composed exactly),
+    "basic" (some runs without segments: ε and δ summed, `delta` is then the total δ) or
+    "exposed" (a non-private run: ε = ∞).
+    """
+
+    epsilon: float
+    delta: float
+    method: str
+
+
+def default_path() -> Path:
+    """$DPFT_LEDGER if set, else ~/.cache/dpft/ledger.sqlite."""
+    return Path(os.environ.get("DPFT_LEDGER") or Path.home() / ".cache" / "dpft" / "ledger.sqlite")
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a training file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_records(records: Iterable[dict]) -> str:
+    """sha256 (hex) of the records' canonical JSON (sorted keys, one record per line)."""
+    digest = hashlib.sha256()
+    for record in records:
+        line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
+
+
+class BudgetLedger:
+    """The ledger file. Safe for concurrent processes (WAL journal, busy timeout, and
+    `BEGIN IMMEDIATE` writes). WAL needs a local filesystem, not a network share.
+
+    Args:
+        path: The SQLite file; default `default_path()`. Its folder is created.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            yield db
+        finally:
+            db.close()
+
+    def record_run(self, fingerprint: str, entry: RunEntry) -> None:
+        """Record a run, or replace the entry of the same run id (a resumed run's history
+        includes every earlier step, so the latest entry is the whole run).
+
+        Raises:
+            ValueError: If a DP entry has neither segments nor (ε, δ).
+        """
+        if entry.dp and not entry.segments and (entry.epsilon is None or entry.delta is None):
+            raise ValueError("a DP run needs its accountant segments or its (epsilon, delta)")
+        segments = json.dumps([[float(q), float(s), int(n)] for q, s, n in entry.segments])
+        row = (fingerprint, entry.run_id, entry.output, entry.created, int(entry.dp),
+               entry.epsilon, entry.delta, entry.accountant, segments)
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
+            try:
+                db.execute("DELETE FROM runs WHERE fingerprint = ? AND run_id = ?",
+                           (fingerprint, entry.run_id))
+                db.execute(f"INSERT INTO runs (fingerprint, {_COLUMNS}) "
+                           f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def history(self, fingerprint: str | None = None) -> list[RunEntry]:
+        """The runs on one dataset (or on all datasets), oldest first."""
+        query = f"SELECT {_COLUMNS} FROM runs"
+        params: tuple[str, ...] = ()
+        if fingerprint is not None:
+            query, params = query + " WHERE fingerprint = ?", (fingerprint,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id", params).fetchall()
+        return [
+            RunEntry(run_id, output, created, bool(dp), epsilon, delta, accountant,
+                     [(q, s, n) for q, s, n in json.loads(segments)])
+            for run_id, output, created, dp, epsilon, delta, accountant, segments in rows
+        ]
+
+    def spend(
+        self,
+        fingerprint: str,
+        delta: float,
+        planned: list[Segment] | None = None,
+        accountant: str = "pld",
+    ) -> Spend:
+        """The budget spent on a dataset (plus a planned run's segments), and the method used.
+
+        Args:
+            fingerprint: The dataset fingerprint.
+            delta: The δ at which the segments are composed.
+            planned: Segments of a run about to start, counted as if already recorded.
+            accountant: "pld" or "rdp", for the composition.
+
+        Returns:
+            A `Spend`.
+
+        Raises:
+            ConfigError: On an invalid δ or accountant.
+        """
+        entries = self.history(fingerprint)
+        if any(not e.dp for e in entries):
+            return Spend(math.inf, delta, "exposed")
+        composed = PrivacyAccountant(accountant)
+        for q, sigma, count in [s for e in entries for s in e.segments] + list(planned or []):
+            composed.step(q, sigma, count)
+        epsilon = composed.epsilon(delta)
+        bare = [e for e in entries if not e.segments]
+        if bare:
+            return Spend(epsilon + sum(e.epsilon for e in bare),
+                         delta + sum(e.delta for e in bare), "basic")
+        return Spend(epsilon, delta, "composed" if composed.steps else "none")
+
+    def spent(self, fingerprint: str, delta: float) -> float:
+        """Composed ε of every run on the dataset at δ (∞ if a non-private run exposed it)."""
+        return self.spend(fingerprint, delta).epsilon
+
+    def check_budget(
+        self,
+        fingerprint: str,
+        planned: list[Segment],
+        delta: float,
+        dataset_budget: float,
+        accountant: str = "pld",
+    ) -> float:
+        """ε of the dataset's history plus a planned run; refuse a run that exceeds the budget.
+
+        Args:
+            fingerprint: The dataset fingerprint.
+            planned: The planned run's (q, σ, count) segments.
+            delta: The δ at which ε is composed.
+            dataset_budget: The largest total ε allowed on this dataset (--dataset-budget).
+            accountant: "pld" or "rdp".
+
+        Returns:
+            The would-be total ε.
+
+        Raises:
+            BudgetExceededError: If the total would exceed `dataset_budget`.
+        """
+        before = self.spend(fingerprint, delta, accountant=accountant)
+        after = self.spend(fingerprint, delta, planned, accountant)
+        if after.method == "exposed":
+            raise BudgetExceededError(
+                "a non-private run (--no-dp) already used this dataset, so no privacy budget "
+                "is left for it; see `dpft account` for its runs"
+            )
+        if after.epsilon > dataset_budget:
+            raise BudgetExceededError(
+                f"this run would bring the total ε on this dataset to {after.epsilon:.3g} "
+                f"(already spent: {before.epsilon:.3g}, {after.method} composition at "
+                f"δ = {after.delta:g}), over --dataset-budget {dataset_budget:g}"
+            )
+        return after.epsilon
