@@ -158,7 +158,7 @@ def _tokenize(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _opening(tokenizer: Any, text: str) -> list[int]:
+def encode_opening(tokenizer: Any, text: str) -> list[int]:
     """Tokens of text that starts a sequence: the tokenizer's BOS if it adds one, no EOS."""
     ids = _tokenize(tokenizer, text, special=True)
     eos = tokenizer.eos_token_id
@@ -173,7 +173,7 @@ def _targets(ids: list[int]) -> list[int]:
 
 
 def _encode_prompt_completion(record: Record, tokenizer: Any, loss_on: str) -> tuple[list[int], list[int]]:
-    prompt = _opening(tokenizer, record.fields["prompt"])
+    prompt = encode_opening(tokenizer, record.fields["prompt"])
     completion = _tokenize(tokenizer, record.fields["completion"], special=False)
     completion.append(tokenizer.eos_token_id)
     ids = prompt + completion
@@ -183,7 +183,7 @@ def _encode_prompt_completion(record: Record, tokenizer: Any, loss_on: str) -> t
 
 
 def _encode_text(record: Record, tokenizer: Any, loss_on: str) -> tuple[list[int], list[int]]:
-    ids = [*_opening(tokenizer, record.fields["text"]), tokenizer.eos_token_id]
+    ids = [*encode_opening(tokenizer, record.fields["text"]), tokenizer.eos_token_id]
     return ids, _targets(ids)
 
 

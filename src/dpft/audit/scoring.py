@@ -1,0 +1,192 @@
+"""Model queries the audit needs: token log-probs, continuation scores, batched greedy decoding.
+
+Records are encoded exactly as training concatenates them, without the chat template:
+ids = tok(prompt) + tok(completion) + [eos]. Likelihood passes pad on the right; generation pads
+on the left so that every prompt ends at the same position and new tokens line up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dpft.data.encode import encode_opening
+from dpft.errors import DpftError
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as the start of a sequence, exactly as training encodes it (BOS if the
+    tokenizer adds one, never a trailing EOS).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: the text to encode.
+
+    Returns:
+        The list of token ids.
+    """
+    return encode_opening(tokenizer, text)
+
+
+def encode_record(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    """Ids of a prompt/completion record as trained, and where the completion starts.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an eos token.
+        prompt: the record's prompt.
+        completion: the record's completion.
+
+    Returns:
+        (ids, start) with ids = tok(prompt) + tok(completion) + [eos] and start = len(tok(prompt)).
+    """
+    head = encode(tokenizer, prompt)
+    tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return head + tail + [tokenizer.eos_token_id], len(head)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else pad
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def token_logprobs(
+    model, sequences: Sequence[Sequence[int]], batch_size: int = 16,
+) -> list[np.ndarray]:
+    """Log-probability of every token given its past, for each sequence.
+
+    Args:
+        model: a causal LM.
+        sequences: token id lists (each at least 2 long).
+        batch_size: sequences per forward pass.
+
+    Returns:
+        One float64 array per sequence, of length len(seq) - 1:
+        entry t is log P(seq[t+1] | seq[:t+1]).
+    """
+    device = _device(model)
+    # Sorting by length keeps padding, hence wasted compute, small within each batch.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    with torch.inference_mode():
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            width = max(len(sequences[i]) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            picked = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            for row, i in enumerate(idx):
+                out[i] = picked[row, : len(sequences[i]) - 1].double().numpy()
+    return out
+
+
+def continuation_logprob(
+    model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Total log-probability of each continuation given its context (sum over its tokens).
+
+    Args:
+        model: a causal LM.
+        contexts: non-empty context id lists.
+        continuations: non-empty continuation id lists, one per context.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        Array of log P(continuation | context), one per pair.
+    """
+    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations, strict=True)]
+    lps = token_logprobs(model, seqs, batch_size)
+    return np.array([lp[len(c) - 1 :].sum() for lp, c in zip(lps, contexts, strict=True)])
+
+
+def suffix_logprobs(
+    model, tokenizer, items: Sequence[tuple[str, Sequence[str]]], batch_size: int = 16,
+) -> list[np.ndarray]:
+    """Total log-probability of each suffix given its context, with text tokenized whole.
+
+    `context + suffix` is encoded as one text, as in training, so a tokenizer that merges across
+    the boundary is handled: for each context, the tokens shared by all its candidates'
+    encodings (and the context's own) form the conditioning part and the rest is scored. Within
+    one context, suffixes of different token lengths are thus compared on the same condition.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        items: (context, suffixes) pairs; every context must encode to at least one token.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        One array per item: log P(suffix | context) for each of its suffixes.
+
+    Raises:
+        DpftError: if a context encodes to no tokens.
+    """
+    heads, tails, sizes = [], [], []
+    for context, suffixes in items:
+        seqs = [encode(tokenizer, context + s) for s in suffixes]
+        own = encode(tokenizer, context)
+        shared = min(_common_prefix(own, s) for s in seqs)
+        if shared == 0:
+            raise DpftError("a scoring context encodes to no tokens; it must be non-empty")
+        heads += [s[:shared] for s in seqs]
+        tails += [s[shared:] for s in seqs]
+        sizes.append(len(seqs))
+    flat = continuation_logprob(model, heads, tails, batch_size)
+    return np.split(flat, np.cumsum(sizes)[:-1])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def greedy_generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 16,
+    max_new_tokens: int = 24,
+) -> list[str]:
+    """Greedy continuations of many prompts, batched with left padding.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (for pad/eos ids and decoding).
+        prompts: prompt token id lists.
+        batch_size: prompts per generate call.
+        max_new_tokens: tokens generated per prompt at most.
+
+    Returns:
+        The decoded new text of each prompt, special tokens removed.
+    """
+    device, pad = _device(model), _pad_id(tokenizer)
+    out: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with torch.inference_mode():
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                max_new_tokens=max_new_tokens, pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+    return out

@@ -1,0 +1,161 @@
+"""A whole audit on a tiny random Llama with an in-process character tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from conftest import tiny_llama
+from dpft.audit import evaluate_utility, run_audit
+from dpft.audit.exposure import canary_exposures
+from dpft.audit.scoring import encode, encode_record, greedy_generate, token_logprobs
+from dpft.errors import DpftError
+
+CONDITIONS = ["gout", "asthma", "flu", "acne"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; ids 0-3 are pad/bos/eos/unk like tiny_llama's config."""
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for ch in sorted(set(string.printable[:95]) | set("çéè")):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
+def record(first: str, last: str, cond: str, uid: str) -> dict:
+    return {"prompt": f'{{medical_record: "{first} {last} has {cond}."}}',
+            "completion": f'{{last_name: "{last}", condition: "{cond}"}}', "user_id": uid}
+
+
+def canary(cid: str, secret: str, reps: int, kind: str = "exposure", length: int = 6) -> dict:
+    return {"canary_id": cid, "prefix": f"code of {cid} is ", "secret": secret,
+            "secret_alphabet": "0123456789", "secret_length": length, "repetitions": reps,
+            "included": reps > 0, "kind": kind, "user_id": f"u-{cid}"}
+
+
+SECRET = canary("c1", "428571", 4)
+RECORD = record("Ana", "Lima", "gout", "p1")
+
+
+@pytest.fixture
+def tok() -> PreTrainedTokenizerFast:
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    """One tiny model fitted to one canary and one record (shared: training is the cost)."""
+    texts = [SECRET["prefix"] + SECRET["secret"], RECORD["prompt"] + RECORD["completion"]]
+    return memorise(tiny_llama(), char_tokenizer(), texts, steps=120)
+
+
+def memorise(model, tok, texts: list[str], steps: int):
+    """Fit the model to the given token sequences (full loss), the way training would."""
+    seqs = [[*encode(tok, t), tok.eos_token_id] for t in texts]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = (torch.arange(width) < torch.tensor([[len(s)] for s in seqs])).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_left_padded_batch_generation_equals_one_by_one(tok):
+    model = tiny_llama()
+    prompts = [encode(tok, p) for p in ["ab", "a much longer prompt", "xyz q"]]
+    batched = greedy_generate(model, tok, prompts, batch_size=3, max_new_tokens=6)
+    single = [greedy_generate(model, tok, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+
+
+def test_right_padded_logprobs_equal_unpadded(tok):
+    model = tiny_llama()
+    seqs = [encode_record(tok, "p", "short")[0], encode_record(tok, "prompt", "much longer")[0]]
+    batched = token_logprobs(model, seqs, batch_size=2)
+    for seq, lp in zip(seqs, batched, strict=True):
+        alone = token_logprobs(model, [seq], batch_size=1)[0]
+        assert len(lp) == len(seq) - 1
+        assert torch.allclose(torch.tensor(lp), torch.tensor(alone), atol=1e-4)
+
+
+def test_memorised_canary_gains_exposure(tok, memorised):
+    before = canary_exposures(tiny_llama(), tok, [SECRET], num_candidates=200)
+    after = canary_exposures(memorised, tok, [SECRET], num_candidates=200)
+    e0, e1 = before["per_canary"][0]["exposure"], after["per_canary"][0]["exposure"]
+    assert e1 > e0 + 5 and e1 > 10
+    assert after["method"] == "skewnorm" and after["max_exposure"] == pytest.approx(math.log2(1e6))
+
+
+def test_small_secret_space_uses_exact_rank(tok):
+    out = canary_exposures(tiny_llama(), tok, [canary("c2", "07", 0, length=2)],
+                           num_candidates=500)
+    assert out["method"] == "exact"
+    assert 0 <= out["per_canary"][0]["exposure"] <= math.log2(100)
+
+
+def test_utility_of_a_model_that_memorised_its_record(tok, memorised):
+    out = evaluate_utility(memorised, tok, [RECORD], max_new_tokens=48)
+    assert out["exact_match"] == {"last_name": 1.0, "condition": 1.0, "full": 1.0}
+    assert out["valid_format"] == 1.0
+    assert out["loss"] < 0.1 and out["perplexity"] == pytest.approx(math.exp(out["loss"]))
+    untrained = evaluate_utility(tiny_llama(), tok, [RECORD], max_new_tokens=8)
+    assert untrained["valid_format"] == 0.0 and untrained["loss"] > 3
+
+
+def test_run_audit_keys_and_ranges(tok):
+    names = [("Ana", "Lima"), ("Bo", "Chen"), ("Cy", "Diaz"), ("Di", "Eko"), ("Ed", "Fox"),
+             ("Fa", "Gil"), ("Gu", "Ho"), ("Hu", "Ito")]
+    members = [record("François", "Dupont", "acne", "p0")] * 3
+    members += [record(f, la, CONDITIONS[i % 4], f"p{i + 1}")
+                for i, (f, la) in enumerate(names[:4])]
+    members.append({"text": "code of x is 123456", "user_id": "u-x"})
+    non_members = [record(f, la, CONDITIONS[i % 4], f"h{i}") for i, (f, la) in enumerate(names[4:])]
+    canaries = [canary("e0", "111111", 0), canary("e1", "222222", 2)]
+    canaries += [canary(f"o{i}", f"{i:06d}", i % 2, kind="one_run") for i in range(8)]
+    out = run_audit(tiny_llama(), tok, members, non_members, canaries, CONDITIONS,
+                    reference_model=tiny_llama(seed=1), batch_size=4, max_new_tokens=8,
+                    num_candidates=100, n_boot=20, theoretical_epsilon=8.0, delta=1e-5)
+    json.dumps(out, allow_nan=False)
+    assert out["settings"]["members_scored"] == 7 and out["settings"]["non_member_patients"] == 4
+    ext = out["extraction"]
+    assert ext["members"] == 5 and set(ext["by_repetition"]) == {"1", "3"}
+    assert 0 <= ext["member_rate"] <= 1 and -1 <= ext["advantage"] <= 1
+    assert 1 <= ext["rank"]["member_mean_rank"] <= 4
+    assert set(out["mia"]) == {"loss", "zlib", "min_k", "reference"}
+    assert all(0 <= m["auc"] <= 1 for m in out["mia"].values())
+    assert set(out["exposure"]["by_repetition"]) == {"0", "2"}
+    assert all(0 <= c["exposure"] <= math.log2(1e6) for c in out["exposure"]["per_canary"])
+    assert out["one_run"]["m"] == 8 and out["one_run"]["epsilon_lower_bound"] >= 0
+    assert out["theoretical_epsilon"] == 8.0 and isinstance(out["dupont_completion"], str)
+
+
+def test_run_audit_refuses_without_non_members(tok):
+    with pytest.raises(DpftError):
+        run_audit(tiny_llama(), tok, [record("A", "B", "flu", "p")], [], None, None)
+
+
+def test_max_records_caps_scoring_but_keeps_dupont(tok):
+    members = [record("François", "Dupont", "acne", "p0")]
+    members += [record("Al", f"N{i}", "flu", f"p{i + 1}") for i in range(5)]
+    non_members = [record("Bo", f"H{i}", "gout", f"h{i}") for i in range(5)]
+    out = run_audit(tiny_llama(), tok, members, non_members, None, None, max_records=2,
+                    max_new_tokens=4, n_boot=10)
+    assert out["settings"]["members_scored"] == 2 and out["settings"]["member_patients"] == 2
+    assert out["extraction"]["non_members"] == 2 and out["dupont_completion"] is not None
+    assert out["exposure"] is None and out["one_run"] is None
+    assert out["extraction"]["rank"]["num_conditions"] == 3
