@@ -12,9 +12,17 @@ VOCAB = 256
 def tiny_llama(tie: bool = True, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -22,8 +30,14 @@ def tiny_llama(tie: bool = True, seed: int = 0) -> LlamaForCausalLM:
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return GPT2LMHeadModel(cfg).eval()
 
@@ -66,3 +80,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
     tiny_llama().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _private_ledger(tmp_path, monkeypatch):
+    """Every test gets its own budget ledger: tests never touch the user's ~/.cache/dpft."""
+    monkeypatch.setenv("DPFT_LEDGER", str(tmp_path / "ledger.sqlite"))

@@ -11,18 +11,31 @@ import dpft
 from dpft.errors import CheckpointError, DpftError
 from dpft.models import load_run_model
 from dpft.privacy.accounting import compute_epsilon
-from dpft.train import recipe
+from dpft.training import recipe
 
 PRIVACY_KEYS = {
-    "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size",
-    "steps", "accountant", "sampling", "privacy_unit", "num_units", "dp",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "expected_batch_size",
+    "steps",
+    "accountant",
+    "sampling",
+    "privacy_unit",
+    "num_units",
+    "dp",
 }
 
 
 def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
     rows = [
-        {"prompt": f"record {i}: patient {i % users} has", "completion": f" condition {i % 7}",
-         "user_id": f"u{i % users}"}
+        {
+            "prompt": f"record {i}: patient {i % users} has",
+            "completion": f" condition {i % 7}",
+            "user_id": f"u{i % users}",
+        }
         for i in range(n)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -30,8 +43,18 @@ def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
 
 
 def base_options(tiny_model_dir: str, **extra):
-    opts = dict(model=tiny_model_dir, batch_size=8, micro_batch_size=4, max_steps=6, lr=1e-2,
-                max_length=64, quiet=True, epsilon=8.0, delta=1e-3, checkpoint_every=0)
+    opts = dict(
+        model=tiny_model_dir,
+        batch_size=8,
+        micro_batch_size=4,
+        max_steps=6,
+        lr=1e-2,
+        max_length=64,
+        quiet=True,
+        epsilon=8.0,
+        delta=1e-3,
+        checkpoint_every=0,
+    )
     return {**opts, **extra}
 
 
@@ -40,7 +63,7 @@ def test_dp_run_writes_the_contract(tmp_path, tiny_model_dir):
     report = dpft.train(str(data), str(tmp_path / "run"), **base_options(tiny_model_dir))
     run = tmp_path / "run"
     privacy = json.loads((run / "privacy.json").read_text())
-    assert PRIVACY_KEYS <= set(privacy)
+    assert set(privacy) >= PRIVACY_KEYS
     assert privacy == json.loads(json.dumps(report))
     assert privacy["dp"] is True and privacy["sampling"] == "poisson" and privacy["steps"] == 6
     assert privacy["sample_rate"] == pytest.approx(8 / 40)
@@ -56,8 +79,9 @@ def test_dp_run_writes_the_contract(tmp_path, tiny_model_dir):
 
 def test_user_level_units(tmp_path, tiny_model_dir):
     data = write_records(tmp_path / "d.jsonl", n=40, users=10)
-    report = dpft.train(str(data), str(tmp_path / "run"),
-                        **base_options(tiny_model_dir, privacy_unit="user", batch_size=4, delta=1e-2))
+    report = dpft.train(
+        str(data), str(tmp_path / "run"), **base_options(tiny_model_dir, privacy_unit="user", batch_size=4, delta=1e-2)
+    )
     assert report["privacy_unit"] == "user" and report["num_units"] == 10
     assert report["sample_rate"] == pytest.approx(4 / 10)
 
@@ -72,8 +96,11 @@ def test_no_dp_baseline(tmp_path, tiny_model_dir):
 def test_budget_hard_stop(tmp_path, tiny_model_dir):
     data = write_records(tmp_path / "d.jsonl")
     # σ fixed and small, ε capped: the run must stop before the cap is crossed.
-    report = dpft.train(str(data), str(tmp_path / "run"),
-                        **base_options(tiny_model_dir, noise_multiplier=0.8, epsilon=3.0, max_steps=50))
+    report = dpft.train(
+        str(data),
+        str(tmp_path / "run"),
+        **base_options(tiny_model_dir, noise_multiplier=0.8, epsilon=3.0, max_steps=50),
+    )
     assert report["steps"] < 50 and report["epsilon"] <= 3.0
     q, sigma = report["sample_rate"], report["noise_multiplier"]
     assert compute_epsilon(q, sigma, report["steps"] + 1, 1e-3) > 3.0  # one more step would exceed
@@ -107,14 +134,18 @@ def test_resume_after_crash_accounts_every_step(tmp_path, tiny_model_dir, monkey
 
     monkeypatch.setattr(recipe, "_step", crashing_step)
     with pytest.raises(Crash):
-        dpft.train(str(data), str(run), **base_options(tiny_model_dir, checkpoint_every=2))
+        # σ given without a target ε: no budget stop, so all planned steps are (re)done
+        dpft.train(
+            str(data), str(run), **base_options(tiny_model_dir, checkpoint_every=2, epsilon=None, noise_multiplier=1.0)
+        )
     monkeypatch.setattr(recipe, "_step", real_step)
     assert not (run / "privacy.json").exists()  # an interrupted run is never presented as complete
     report = dpft.train("", "", resume=str(run), quiet=True)
     # checkpoint at step 4; step 5 touched the data before the crash and is redone: 7 steps in all
     assert report["steps"] == 7
     assert report["epsilon"] == pytest.approx(
-        compute_epsilon(report["sample_rate"], report["noise_multiplier"], 7, 1e-3))
+        compute_epsilon(report["sample_rate"], report["noise_multiplier"], 7, 1e-3)
+    )
     steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import typer
 
@@ -12,10 +11,15 @@ from dpft.cli.errors import handles_errors
 from dpft.cli.train import train_command
 
 app = typer.Typer(
-    name="dpft", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="dpft",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Differentially private fine-tuning of LLMs, with audits that show what a model leaks.",
 )
-app.command("train", help="Fine-tune a causal LM with DP-SGD (LoRA by default) and write a run directory.")(train_command)
+app.command("train", help="Fine-tune a causal LM with DP-SGD (LoRA by default) and write a run directory.")(
+    train_command
+)
 
 
 @app.command("account")
@@ -37,17 +41,24 @@ def account(
         raise ConfigError(["give exactly one of --noise-multiplier or --target-epsilon"])
     out = {"sample_rate": sample_rate, "steps": steps, "delta": delta, "accountant": accountant}
     if noise_multiplier is not None:
-        out |= {"noise_multiplier": noise_multiplier,
-                "epsilon": compute_epsilon(sample_rate, noise_multiplier, steps, delta, accountant)}
+        out |= {
+            "noise_multiplier": noise_multiplier,
+            "epsilon": compute_epsilon(sample_rate, noise_multiplier, steps, delta, accountant),
+        }
     else:
         sigma = calibrate_noise(sample_rate, steps, delta, target_epsilon, accountant)
-        out |= {"target_epsilon": target_epsilon, "noise_multiplier": sigma,
-                "epsilon": compute_epsilon(sample_rate, sigma, steps, delta, accountant)}
+        out |= {
+            "target_epsilon": target_epsilon,
+            "noise_multiplier": sigma,
+            "epsilon": compute_epsilon(sample_rate, sigma, steps, delta, accountant),
+        }
     if json_out:
         print(json.dumps({k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}))
     else:
-        print(f"σ = {out['noise_multiplier']:.4f}  ε = {out['epsilon']:.4f}  (δ = {delta:g}, q = {sample_rate:g}, "
-              f"{steps} steps, {accountant.upper()})")
+        print(
+            f"σ = {out['noise_multiplier']:.4f}  ε = {out['epsilon']:.4f}  (δ = {delta:g}, q = {sample_rate:g}, "
+            f"{steps} steps, {accountant.upper()})"
+        )
 
 
 @app.command("generate")
@@ -71,8 +82,16 @@ def generate(
     if (prompt is None) == (chat is None):
         raise ConfigError(["give exactly one of --prompt or --chat"])
     loaded = load_base_model(run) if base else load_run_model(run)
-    text = generate_text(loaded.model, loaded.tokenizer, prompt=prompt, chat=chat,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    text = generate_text(
+        loaded.model,
+        loaded.tokenizer,
+        prompt=prompt,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     print(json.dumps({"completion": text}) if json_out else text)
 
 
@@ -97,5 +116,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-

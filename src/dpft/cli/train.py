@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from click.core import ParameterSource
 
 from dpft.cli.errors import handles_errors
 from dpft.config import TrainConfig
@@ -25,17 +24,23 @@ def _parameters() -> list[inspect.Parameter]:
     params = [
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
         inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Path | None,
             default=typer.Option(None, "--config", help="YAML file of options; flags given on the command line win."),
         ),
         inspect.Parameter(
-            "json_out", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+            "json_out",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
             default=typer.Option(False, "--json", help="Print privacy.json to stdout at the end."),
         ),
     ]
     for f in dataclasses.fields(TrainConfig):
         option = typer.Option(f.default, _flag(f.name), help=f.metadata["help"])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=option))
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=option)
+        )
     return params
 
 
@@ -44,14 +49,15 @@ def _resolve(ctx: typer.Context, config_file: Path | None, values: dict[str, Any
     if config_file is None:
         return TrainConfig(**values)
     base = dataclasses.asdict(TrainConfig.load(config_file))
-    typed = {k: v for k, v in values.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    # typer vendors its own click: compare the source by name, not by enum identity
+    typed = {k: v for k, v in values.items() if getattr(ctx.get_parameter_source(k), "name", None) != "DEFAULT"}
     return TrainConfig(**{**base, **typed})
 
 
 @handles_errors
 def train_command(ctx: typer.Context, config: Path | None = None, json_out: bool = False, **values: Any) -> None:
     """Fine-tune a causal LM with DP-SGD (LoRA by default) and write a run directory."""
-    from dpft.train.recipe import train
+    from dpft.training.recipe import train
 
     cfg = _resolve(ctx, config, values)
     report = train(cfg)

@@ -13,8 +13,14 @@ class Progress:
         self.target = target_epsilon
         self.quiet = quiet
         self._bar = RichProgress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet, transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=quiet,
+            transient=False,
         )
         self._task = self._bar.add_task("", total=total)
 

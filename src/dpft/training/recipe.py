@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -32,12 +33,13 @@ from dpft.privacy.accounting import PrivacyAccountant, calibrate_noise, check_de
 from dpft.privacy.engine import make_accumulator
 from dpft.privacy.noise import add_gaussian_noise, make_generator
 from dpft.privacy.sampling import PoissonSampler, cap_unit_examples, micro_batches, sample_rate_for
-from dpft.train import checkpoint as ckpt
-from dpft.train.journal import PrivacyJournal
-from dpft.train.loss import example_losses
-from dpft.train.progress import Progress
-from dpft.train.report import privacy_report
-from dpft.train.run_dir import (
+from dpft.training import checkpoint as ckpt
+from dpft.training.budget import DatasetBudget
+from dpft.training.journal import PrivacyJournal
+from dpft.training.loss import example_losses
+from dpft.training.progress import Progress
+from dpft.training.report import privacy_report
+from dpft.training.run_dir import (
     RunPaths,
     append_metrics,
     create_run_dir,
@@ -46,6 +48,8 @@ from dpft.train.run_dir import (
     write_model_card,
     write_privacy,
 )
+
+NO_LIMIT = 1 << 62
 
 
 @dataclass
@@ -60,8 +64,9 @@ class Setup:
     sample_rate: float
     noise_multiplier: float | None  # None for --no-dp
     planned_steps: int
-    allowed_steps: int  # the budget's hard stop (== planned without a target ε)
+    allowed_steps: int  # the budget's hard stop on data-touching steps (NO_LIMIT without a target ε)
     stats: dict[str, int]
+    budget: DatasetBudget
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -101,13 +106,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
             eps = accountant.epsilon(c.delta) if s.noise_multiplier is not None else None
             state["step"], dt = step + 1, time.perf_counter() - t0
             state["batch_sizes"].append(batch_size)
-            row = {"step": step + 1, "loss": loss, "epsilon": eps, "batch_size": batch_size,
-                   "examples": n_examples, "seconds": round(dt, 4), "examples_per_s": n_examples / dt}
+            row = {
+                "step": step + 1,
+                "loss": loss,
+                "epsilon": eps,
+                "batch_size": batch_size,
+                "examples": n_examples,
+                "seconds": round(dt, 4),
+                "examples_per_s": n_examples / dt,
+            }
             append_metrics(s.paths, row)
             progress.update(row)
             if c.checkpoint_every and state["step"] % c.checkpoint_every == 0:
                 _checkpoint(s, trainable, optimizer, sampler, noise_gen, state)
     accumulator.remove()
+    if s.noise_multiplier is not None:
+        s.budget.record(c, s.paths.root, journal.segments(s.sample_rate, s.noise_multiplier))
     return _finish(s, accountant, touched, state, stop_reason)
 
 
@@ -132,32 +146,56 @@ def setup(config: TrainConfig) -> Setup:
     q = sample_rate_for(config.batch_size, n_units)
     planned = config.max_steps or max(1, math.ceil(config.epochs * n_units / config.batch_size))
     sigma, allowed = _plan_noise(config, q, planned, n_units)
+    budget = DatasetBudget.open(config)
+    planned_segments = [] if sigma is None else [(q, sigma, min(planned, allowed))]
     if not config.resume:
+        budget.check(config, planned_segments)  # before anything is written
         paths = create_run_dir(config.output)
-        config.save(paths.config)
-    model = loaded.model if config.full else with_lora(
-        loaded.model, config.lora_r, config.lora_alpha, config.lora_targets
+        tmp = paths.config.with_name(".config.yaml.tmp")  # atomic: a torn config.yaml would resume other settings
+        config.save(tmp)
+        os.replace(tmp, paths.config)
+        budget.record(config, paths.root, planned_segments)
+    model = (
+        loaded.model if config.full else with_lora(loaded.model, config.lora_r, config.lora_alpha, config.lora_targets)
     )
     if config.full:
         model.requires_grad_(True)
     example_unit = np.empty(len(data.examples), dtype=np.int64)
     for u, idx in enumerate(unit_examples):
         example_unit[idx] = u
-    stats = {"records": len(records), "examples": len(data.examples), "units": n_units,
-             "truncated": data.num_truncated, "dropped": data.num_dropped,
-             "duplicates": data.num_duplicates}
-    return Setup(config, paths, model, loaded.tokenizer, data.examples, unit_examples, example_unit,
-                 q, sigma, planned, allowed, stats)
+    stats = {
+        "records": len(records),
+        "examples": len(data.examples),
+        "units": n_units,
+        "truncated": data.num_truncated,
+        "dropped": data.num_dropped,
+        "duplicates": data.num_duplicates,
+    }
+    return Setup(
+        config,
+        paths,
+        model,
+        loaded.tokenizer,
+        data.examples,
+        unit_examples,
+        example_unit,
+        q,
+        sigma,
+        planned,
+        allowed,
+        stats,
+        budget,
+    )
 
 
 def _plan_noise(c: TrainConfig, q: float, steps: int, n_units: int) -> tuple[float | None, int]:
-    """σ (calibrated to the target ε, or given) and the last step the budget allows."""
+    """σ (calibrated to the target ε, or given) and how many data-touching steps the budget allows."""
     if c.no_dp:
-        return None, steps
+        return None, NO_LIMIT
     check_delta(c.delta, n_units)
     sigma = c.noise_multiplier or calibrate_noise(q, steps, c.delta, c.epsilon, c.accountant)
-    if c.epsilon is None:
-        return sigma, steps
+    if c.epsilon is None:  # σ given, no target: ε is reported, not capped
+        return sigma, NO_LIMIT
     return sigma, max_steps(q, sigma, c.delta, c.epsilon, c.accountant, upper=max(steps, 1) * 4)
 
 
@@ -177,8 +215,9 @@ def _step(s: Setup, accumulator, optimizer, sampler, noise_gen, params) -> tuple
         losses.append(per_example.detach())
     accumulator.write_grads()
     if s.noise_multiplier is not None:
-        add_gaussian_noise([p.grad for p in params], s.noise_multiplier * c.max_grad_norm,
-                           noise_gen, secure=c.secure_noise)
+        add_gaussian_noise(
+            [p.grad for p in params], s.noise_multiplier * c.max_grad_norm, noise_gen, secure=c.secure_noise
+        )
     for p in params:  # divide by the EXPECTED batch size: the actual size is private
         p.grad.div_(c.batch_size)
     optimizer.step()
@@ -189,12 +228,21 @@ def _step(s: Setup, accumulator, optimizer, sampler, noise_gen, params) -> tuple
 
 
 def _checkpoint(s: Setup, trainable, optimizer, sampler, noise_gen, state: dict) -> None:
-    state = dict(state, sampler=sampler.state_dict(), torch_rng=_rng_to_list(torch.get_rng_state()),
-                 noise_rng=_rng_to_list(noise_gen.get_state()) if noise_gen is not None else None)
+    state = dict(
+        state,
+        sampler=sampler.state_dict(),
+        torch_rng=_rng_to_list(torch.get_rng_state()),
+        noise_rng=_rng_to_list(noise_gen.get_state()) if noise_gen is not None else None,
+    )
     ckpt.save_checkpoint(s.paths.checkpoints, state["step"], dict(trainable), optimizer.state_dict(), state)
 
 
 def _restore(s: Setup, trainable, optimizer, sampler, noise_gen) -> dict:
+    if not (s.paths.checkpoints / "latest").is_file():
+        # Killed before the first checkpoint: start over from the base model. The journal keeps
+        # the steps the lost attempt spent, so they are still accounted.
+        truncate_metrics(s.paths, 0)
+        return {"step": 0, "batch_sizes": [], "config_hash": config_hash(s.config)}
     weights, opt_state, state = ckpt.load_checkpoint(s.paths.checkpoints, config_hash(s.config))
     params = dict(trainable)
     if set(weights) != set(params):
@@ -215,8 +263,8 @@ def _finish(s: Setup, accountant, touched: int, state: dict, stop_reason: str) -
     kind = "full" if s.config.full else "lora"
     save_model(s.paths, s.model, s.tokenizer, kind, s.config.model)
     report = privacy_report(s, accountant, touched, state["batch_sizes"], stop_reason)
-    write_privacy(s.paths, report)
     write_model_card(s.paths, report, s.config.model)
+    write_privacy(s.paths, report)  # last: privacy.json marks the run complete (the commit point)
     return report
 
 

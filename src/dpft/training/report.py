@@ -31,7 +31,9 @@ def privacy_report(s, accountant, steps_touched: int, batch_sizes: list[int], st
         "privacy_unit": c.privacy_unit,
         "max_records_per_user": c.max_records_per_user if c.privacy_unit == "user" else None,
         "num_units": len(s.unit_examples),
-        "noise_mode": "secure (OS entropy, not reproducible)" if c.secure_noise else f"seeded (seed {c.seed}, reproducible)",
+        "noise_mode": "secure (OS entropy, not reproducible)"
+        if c.secure_noise
+        else f"seeded (seed {c.seed}, reproducible)",
         "stop_reason": stop_reason,
         "data": s.stats,
         "sampling_check": None,

@@ -1,0 +1,27 @@
+"""`dpft demo`: the leak of a plain fine-tune, and DP closing it, in one report."""
+
+from __future__ import annotations
+
+import typer
+
+from dpft.cli.errors import handles_errors
+from dpft.demo import DemoOptions
+
+_D = DemoOptions()
+
+
+def demo(
+    output: str = typer.Option(_D.output, "--output", help="Folder for data, both runs, audits and report.html."),
+    patients: int = typer.Option(_D.patients, "--patients", help="Synthetic patients (train and holdout)."),
+    epochs: float = typer.Option(_D.epochs, "--epochs", help="Training epochs of both models."),
+    epsilon: float = typer.Option(_D.epsilon, "--epsilon", help="Target ε of the DP model (patient-level)."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed of data, sampling and noise."),
+) -> None:
+    """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
+    from dpft.demo import run_demo
+
+    run_demo(DemoOptions(output=output, patients=patients, epochs=epochs, epsilon=epsilon, seed=seed))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(handles_errors(demo))

@@ -1,0 +1,1 @@
+"""The training recipe and what it writes: checkpoints, journal, run directory."""

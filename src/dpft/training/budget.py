@@ -1,0 +1,68 @@
+"""The dataset's privacy budget ledger, seen from a training run.
+
+Before anything is written, a run is checked against `--dataset-budget`; once its directory
+exists it is recorded with its *planned* spend (so a run that crashes and is never resumed still
+counts, conservatively). At the end its entry is replaced by the steps that actually touched the
+data (the privacy journal).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpft.config import TrainConfig
+from dpft.errors import BudgetExceededError
+from dpft.ledger import BudgetLedger, RunEntry, fingerprint_file
+from dpft.privacy.accounting import PrivacyAccountant
+
+Segment = tuple[float, float, int]
+
+
+@dataclass
+class DatasetBudget:
+    ledger: BudgetLedger
+    fingerprint: str
+
+    @classmethod
+    def open(cls, c: TrainConfig) -> DatasetBudget:
+        return cls(BudgetLedger(c.ledger), fingerprint_file(c.data))
+
+    def check(self, c: TrainConfig, planned: list[Segment]) -> None:
+        """Raise BudgetExceededError if the ledger's composed total would pass --dataset-budget."""
+        if c.dataset_budget is None:
+            return
+        if c.no_dp:
+            raise BudgetExceededError("--no-dp with --dataset-budget: a non-private run spends an unbounded budget")
+        self.ledger.check_budget(self.fingerprint, planned, c.delta, c.dataset_budget, c.accountant)
+
+    def record(self, c: TrainConfig, root: Path, segments: list[Segment]) -> None:
+        """Record (or replace) this run's entry: numbers, ids and paths only."""
+        dp = not c.no_dp
+        eps = None
+        if dp and segments:
+            accountant = PrivacyAccountant(c.accountant)
+            for q, sigma, n in segments:
+                accountant.step(q, sigma, n)
+            eps = accountant.epsilon(c.delta)
+        entry = RunEntry(
+            run_id=run_id(root),
+            output=str(root.resolve()),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            dp=dp,
+            epsilon=eps,
+            delta=c.delta if dp else None,
+            accountant=c.accountant if dp else None,
+            segments=segments if dp else [],
+        )
+        self.ledger.record_run(self.fingerprint, entry)
+
+
+def run_id(root: Path) -> str:
+    """A run's stable id, created with the run directory and kept across resumes."""
+    path = root / "run-id"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()
