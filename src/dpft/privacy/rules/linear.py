@@ -1,0 +1,123 @@
+"""nn.Linear (LoRA A/B included) and GPT-2's Conv1D: ghost norm or instantiation, chosen by cost.
+
+A layer y = a W^T + b gives example e the weight gradient sum_t g_et ⊗ a_et (out × in).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpft.privacy.rules.base import (
+    BatchSize,
+    Capture,
+    Forward,
+    LayerRule,
+    Sink,
+    Units,
+    compute_dtype,
+)
+
+
+class _CaptureLinear(torch.autograd.Function):
+    """y = x W^T + b whose backward returns only grad_input and hands (x, grad_y) to the engine.
+
+    The weight is an input, so y requires grad even when x does not (LoRA A of layer 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, transposed, on_backward):
+        dtype = compute_dtype(x)  # cast explicitly: the backward runs outside autocast
+        w = weight.to(dtype).t() if transposed else weight.to(dtype)
+        x_c = x.to(dtype)
+        ctx.save_for_backward(x_c, w)
+        ctx.on_backward, ctx.x_dtype = on_backward, x.dtype
+        return F.linear(x_c, w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, w = ctx.saved_tensors
+        ctx.on_backward(x_c.detach(), g)
+        grad_x = (g.to(w.dtype) @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+
+def _attach(
+    module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batch_size: BatchSize,
+    *, transposed: bool,
+) -> Forward:
+    rule = CONV1D if transposed else LINEAR
+
+    def on_backward(a: Tensor, g: Tensor) -> None:
+        sink(Capture(rule, module, params, a=a, g=g))
+
+    def forward(x: Tensor) -> Tensor:
+        return _CaptureLinear.apply(x, module.weight, module.bias, transposed, on_backward)
+
+    return forward
+
+
+def _flat(cap: Capture) -> tuple[Tensor, Tensor]:
+    """a as (B, T, in) and g as (B, T, out), fp32 (T = 1 for 2-D inputs)."""
+    b = cap.g.shape[0]
+    a = cap.a.reshape(b, -1, cap.a.shape[-1]).float()
+    return a, cap.g.reshape(b, -1, cap.g.shape[-1]).float()
+
+
+def use_ghost(units: Units, steps: int, d_in: int, d_out: int) -> bool:
+    """Ghost norm costs P·T²·(in+out); instantiating per-example gradients costs B·T·in·out."""
+    ghost = units.pair_i.numel() * steps * steps * (d_in + d_out)
+    return ghost < units.index.numel() * steps * d_in * d_out
+
+
+def _unit_weight_grads(a: Tensor, g: Tensor, units: Units) -> Tensor:
+    return units.sum_examples(torch.einsum("bto,bti->boi", g, a))  # (U, out, in)
+
+
+def _sq_norms(cap: Capture, units: Units) -> dict[str, Tensor]:
+    a, g = _flat(cap)
+    out = {}
+    if "weight" in cap.params:
+        if use_ghost(units, a.shape[1], a.shape[2], g.shape[2]):
+            # <a_e^T g_e, a_e'^T g_e'> = sum_{t,s} (a_et · a_e's)(g_et · g_e's)
+            gram = torch.bmm(units.left(a), units.right(a).mT)
+            gram.mul_(torch.bmm(units.left(g), units.right(g).mT))
+            out["weight"] = units.sum_pairs(gram.sum((1, 2)))
+        else:
+            out["weight"] = _unit_weight_grads(a, g, units).square().sum((1, 2))
+    if "bias" in cap.params:
+        out["bias"] = units.sum_examples(g.sum(1)).square().sum(1)
+    return out
+
+
+def _unit_grads(cap: Capture, units: Units, name: str, *, transposed: bool) -> Tensor:
+    a, g = _flat(cap)
+    if name == "bias":
+        return units.sum_examples(g.sum(1))
+    grads = _unit_weight_grads(a, g, units)
+    return grads.mT if transposed else grads
+
+
+def _clipped_sum(cap: Capture, coef: Tensor, *, transposed: bool) -> dict[str, Tensor]:
+    a, g = _flat(cap)
+    g = g * coef[:, None, None]
+    out = {}
+    if "weight" in cap.params:  # one matmul: the cost of a non-private weight gradient
+        a2, g2 = a.flatten(0, 1), g.flatten(0, 1)
+        out["weight"] = a2.t() @ g2 if transposed else g2.t() @ a2
+    if "bias" in cap.params:
+        out["bias"] = g.sum((0, 1))
+    return out
+
+
+LINEAR = LayerRule(
+    "linear", partial(_attach, transposed=False), _sq_norms,
+    partial(_unit_grads, transposed=False), partial(_clipped_sum, transposed=False),
+)
+CONV1D = LayerRule(  # transformers' Conv1D stores its weight as (in, out)
+    "conv1d", partial(_attach, transposed=True), _sq_norms,
+    partial(_unit_grads, transposed=True), partial(_clipped_sum, transposed=True),
+)
