@@ -26,9 +26,7 @@ def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
     """Exact ε of one Gaussian mechanism with sensitivity 1 (Balle & Wang 2018, Theorem 8)."""
 
     def delta_at(eps: float) -> float:
-        return stats.norm.cdf(0.5 / sigma - eps * sigma) - math.exp(eps) * stats.norm.cdf(
-            -0.5 / sigma - eps * sigma
-        )
+        return stats.norm.cdf(0.5 / sigma - eps * sigma) - math.exp(eps) * stats.norm.cdf(-0.5 / sigma - eps * sigma)
 
     return optimize.brentq(lambda e: delta_at(e) - delta, 0.0, 100.0, xtol=1e-12)
 

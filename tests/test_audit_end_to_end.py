@@ -27,19 +27,31 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         vocab[ch] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
 
 
 def record(first: str, last: str, cond: str, uid: str) -> dict:
-    return {"prompt": f'{{medical_record: "{first} {last} has {cond}."}}',
-            "completion": f'{{last_name: "{last}", condition: "{cond}"}}', "user_id": uid}
+    return {
+        "prompt": f'{{medical_record: "{first} {last} has {cond}."}}',
+        "completion": f'{{last_name: "{last}", condition: "{cond}"}}',
+        "user_id": uid,
+    }
 
 
 def canary(cid: str, secret: str, reps: int, kind: str = "exposure", length: int = 6) -> dict:
-    return {"canary_id": cid, "prefix": f"code of {cid} is ", "secret": secret,
-            "secret_alphabet": "0123456789", "secret_length": length, "repetitions": reps,
-            "included": reps > 0, "kind": kind, "user_id": f"u-{cid}"}
+    return {
+        "canary_id": cid,
+        "prefix": f"code of {cid} is ",
+        "secret": secret,
+        "secret_alphabet": "0123456789",
+        "secret_length": length,
+        "repetitions": reps,
+        "included": reps > 0,
+        "kind": kind,
+        "user_id": f"u-{cid}",
+    }
 
 
 SECRET = canary("c1", "428571", 4)
@@ -102,8 +114,7 @@ def test_memorised_canary_gains_exposure(tok, memorised):
 
 
 def test_small_secret_space_uses_exact_rank(tok):
-    out = canary_exposures(tiny_llama(), tok, [canary("c2", "07", 0, length=2)],
-                           num_candidates=500)
+    out = canary_exposures(tiny_llama(), tok, [canary("c2", "07", 0, length=2)], num_candidates=500)
     assert out["method"] == "exact"
     assert 0 <= out["per_canary"][0]["exposure"] <= math.log2(100)
 
@@ -118,18 +129,37 @@ def test_utility_of_a_model_that_memorised_its_record(tok, memorised):
 
 
 def test_run_audit_keys_and_ranges(tok):
-    names = [("Ana", "Lima"), ("Bo", "Chen"), ("Cy", "Diaz"), ("Di", "Eko"), ("Ed", "Fox"),
-             ("Fa", "Gil"), ("Gu", "Ho"), ("Hu", "Ito")]
+    names = [
+        ("Ana", "Lima"),
+        ("Bo", "Chen"),
+        ("Cy", "Diaz"),
+        ("Di", "Eko"),
+        ("Ed", "Fox"),
+        ("Fa", "Gil"),
+        ("Gu", "Ho"),
+        ("Hu", "Ito"),
+    ]
     members = [record("François", "Dupont", "acne", "p0")] * 3
-    members += [record(f, la, CONDITIONS[i % 4], f"p{i + 1}")
-                for i, (f, la) in enumerate(names[:4])]
+    members += [record(f, la, CONDITIONS[i % 4], f"p{i + 1}") for i, (f, la) in enumerate(names[:4])]
     members.append({"text": "code of x is 123456", "user_id": "u-x"})
     non_members = [record(f, la, CONDITIONS[i % 4], f"h{i}") for i, (f, la) in enumerate(names[4:])]
     canaries = [canary("e0", "111111", 0), canary("e1", "222222", 2)]
     canaries += [canary(f"o{i}", f"{i:06d}", i % 2, kind="one_run") for i in range(8)]
-    out = run_audit(tiny_llama(), tok, members, non_members, canaries, CONDITIONS,
-                    reference_model=tiny_llama(seed=1), batch_size=4, max_new_tokens=8,
-                    num_candidates=100, n_boot=20, theoretical_epsilon=8.0, delta=1e-5)
+    out = run_audit(
+        tiny_llama(),
+        tok,
+        members,
+        non_members,
+        canaries,
+        CONDITIONS,
+        reference_model=tiny_llama(seed=1),
+        batch_size=4,
+        max_new_tokens=8,
+        num_candidates=100,
+        n_boot=20,
+        theoretical_epsilon=8.0,
+        delta=1e-5,
+    )
     json.dumps(out, allow_nan=False)
     assert out["settings"]["members_scored"] == 7 and out["settings"]["non_member_patients"] == 4
     ext = out["extraction"]
@@ -153,8 +183,7 @@ def test_max_records_caps_scoring_but_keeps_dupont(tok):
     members = [record("François", "Dupont", "acne", "p0")]
     members += [record("Al", f"N{i}", "flu", f"p{i + 1}") for i in range(5)]
     non_members = [record("Bo", f"H{i}", "gout", f"h{i}") for i in range(5)]
-    out = run_audit(tiny_llama(), tok, members, non_members, None, None, max_records=2,
-                    max_new_tokens=4, n_boot=10)
+    out = run_audit(tiny_llama(), tok, members, non_members, None, None, max_records=2, max_new_tokens=4, n_boot=10)
     assert out["settings"]["members_scored"] == 2 and out["settings"]["member_patients"] == 2
     assert out["extraction"]["non_members"] == 2 and out["dupont_completion"] is not None
     assert out["exposure"] is None and out["one_run"] is None

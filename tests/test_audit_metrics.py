@@ -74,8 +74,9 @@ def test_attack_metrics_shape():
 
 def test_scores_point_towards_members():
     low_loss, high_loss = np.full(10, -0.1), np.full(10, -3.0)
-    scores = record_scores([low_loss, high_loss], ["same text", "same text"],
-                           reference_logprobs=[np.full(10, -1.0), np.full(10, -1.0)])
+    scores = record_scores(
+        [low_loss, high_loss], ["same text", "same text"], reference_logprobs=[np.full(10, -1.0), np.full(10, -1.0)]
+    )
     for name, s in scores.items():
         assert s[0] > s[1], name
     assert min_k_prob(np.array([-5.0, -1, -1, -1, -1, -1, -1, -1, -1, -4])) == -4.5
@@ -132,10 +133,12 @@ def test_one_run_audit_perfect_and_random_scores():
 
 
 def test_parsers():
-    rec = {"prompt": '{medical_record: "François Dupont was diagnosed with gout."}',
-           "completion": '{last_name: "Dupont", condition: "gout"}', "user_id": "p1"}
-    assert parse_patient(rec) == {"user_id": "p1", "first": "François", "last": "Dupont",
-                                  "condition": "gout"}
+    rec = {
+        "prompt": '{medical_record: "François Dupont was diagnosed with gout."}',
+        "completion": '{last_name: "Dupont", condition: "gout"}',
+        "user_id": "p1",
+    }
+    assert parse_patient(rec) == {"user_id": "p1", "first": "François", "last": "Dupont", "condition": "gout"}
     assert parse_patient({"text": "canary 123456"}) is None
     people = patients([rec, rec, {**rec, "user_id": "p2"}])
     assert [(p["user_id"], p["records"]) for p in people] == [("p1", 2), ("p2", 1)]

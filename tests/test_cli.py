@@ -16,8 +16,21 @@ runner = CliRunner()
 
 
 def test_account_epsilon_json():
-    res = runner.invoke(app, ["account", "--sample-rate", "0.01", "--noise-multiplier", "4",
-                              "--steps", "10000", "--delta", "1e-5", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "account",
+            "--sample-rate",
+            "0.01",
+            "--noise-multiplier",
+            "4",
+            "--steps",
+            "10000",
+            "--delta",
+            "1e-5",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["epsilon"] == pytest.approx(compute_epsilon(0.01, 4, 10000, 1e-5))
@@ -25,8 +38,10 @@ def test_account_epsilon_json():
 
 
 def test_account_target_epsilon_json():
-    res = runner.invoke(app, ["account", "--sample-rate", "0.04", "--steps", "2000", "--delta", "1e-5",
-                              "--target-epsilon", "8", "--json"])
+    res = runner.invoke(
+        app,
+        ["account", "--sample-rate", "0.04", "--steps", "2000", "--delta", "1e-5", "--target-epsilon", "8", "--json"],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["epsilon"] <= 8.0 and out["epsilon"] == pytest.approx(8.0, rel=0.02)
@@ -38,8 +53,20 @@ def test_account_needs_exactly_one_of_sigma_or_target():
 
 
 def test_train_bad_options_one_line_exit_2(tmp_path):
-    res = runner.invoke(app, ["train", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"),
-                              "--epsilon", "-1", "--delta", "2"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "missing.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+            "--epsilon",
+            "-1",
+            "--delta",
+            "2",
+        ],
+    )
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--epsilon" in lines[0] and "--delta" in lines[0]
@@ -49,9 +76,20 @@ def test_train_bad_options_one_line_exit_2(tmp_path):
 def test_missing_data_file_real_process(tmp_path):
     """A real process: exit code 2, one line naming the file, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "dpft.cli.main", "train", "--data", str(tmp_path / "nope.jsonl"),
-         "--output", str(tmp_path / "o"), "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "dpft.cli.main",
+            "train",
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

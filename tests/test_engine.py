@@ -18,8 +18,15 @@ from dpft.privacy.engine import PerUnitClipper, PlainAccumulator, make_accumulat
 from dpft.privacy.rules import linear
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # ids, attention_mask, labels, unit_index
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    pad_token_id=0,
+)
 
 
 def tiny_qwen2() -> nn.Module:
@@ -57,8 +64,7 @@ def example_losses(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) 
     """(B,) losses, each the mean over the example's own target tokens."""
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
     b, t = ids.shape
-    tok = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                          reduction="none").view(b, t - 1)
+    tok = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none").view(b, t - 1)
     valid = labels[:, 1:] != -100
     return (tok * valid).sum(1) / valid.sum(1)
 
@@ -80,8 +86,12 @@ def reference_unit_grads(
             sel = units == u
             model.zero_grad(set_to_none=True)
             loss(model, *(x[sel] for x in inputs)).sum().backward()
-            out.append({n: torch.zeros_like(p, dtype=torch.float32) if p.grad is None
-                        else p.grad.float() for n, p in trainable(model).items()})
+            out.append(
+                {
+                    n: torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+                    for n, p in trainable(model).items()
+                }
+            )
     model.zero_grad(set_to_none=True)
     return out
 
@@ -117,9 +127,7 @@ def assert_grads_close(got: dict[str, Tensor], want: dict[str, Tensor], rtol: fl
         torch.testing.assert_close(got[n], want[n], rtol=rtol, atol=rtol * scale, msg=n)
 
 
-def check_against_reference(
-    model: nn.Module, batches: list[tuple[Tensor, ...]], loss: LossFn = example_losses
-) -> None:
+def check_against_reference(model: nn.Module, batches: list[tuple[Tensor, ...]], loss: LossFn = example_losses) -> None:
     rtol = 1e-4
     unit_grads = reference_unit_grads(model, batches, loss)
     want_norms = torch.stack([norm_of(g) for g in unit_grads])
@@ -239,8 +247,7 @@ def test_nonfinite_unit_is_dropped() -> None:
     clipper.remove()
     assert norms[2].isnan() and norms[[0, 1, 3, 4, 5]].isfinite().all()
     keep = torch.tensor([0, 1, 3, 4, 5])
-    want, _ = run_engine(model, [(batch[0][keep], batch[1][keep], batch[2][keep], torch.arange(5))],
-                         1.0)
+    want, _ = run_engine(model, [(batch[0][keep], batch[1][keep], batch[2][keep], torch.arange(5))], 1.0)
     assert_grads_close(got, want, 1e-4)
 
 

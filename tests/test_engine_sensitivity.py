@@ -44,8 +44,7 @@ def clipped_sum(model: nn.Module, batch: Batch, weights: Tensor, keep: Tensor) -
     return {n: p.grad.clone() for n, p in trainable(model).items()}
 
 
-@pytest.mark.parametrize("units", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 2, 3, 3, 3]],
-                         ids=["record", "user"])
+@pytest.mark.parametrize("units", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 2, 3, 3, 3]], ids=["record", "user"])
 @pytest.mark.parametrize("name", ["llama-tied", "gpt2", "lora-qv"])
 def test_one_unit_moves_the_sum_by_at_most_c(name: str, units: list[int]) -> None:
     model, (batch, weights) = MODELS[name](), adversarial_batch(units)

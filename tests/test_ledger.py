@@ -15,13 +15,11 @@ DELTA = 1e-5
 
 
 def dp_entry(run_id: str, segments, epsilon: float | None = 1.0, delta: float = DELTA):
-    return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", True, epsilon,
-                    delta, "pld", segments)
+    return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", True, epsilon, delta, "pld", segments)
 
 
 def plain_entry(run_id: str) -> RunEntry:
-    return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", False, None, None,
-                    None, [])
+    return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", False, None, None, None, [])
 
 
 def composed(segments) -> float:
@@ -87,8 +85,7 @@ def test_check_budget(tmp_path):
     ledger.record_run("fp", dp_entry("a", [(0.01, 1.0, 1000)]))
     planned = [(0.01, 1.0, 1000)]
     total = composed([(0.01, 1.0, 2000)])
-    assert ledger.check_budget("fp", planned, DELTA, dataset_budget=total + 0.01) == \
-        pytest.approx(total)
+    assert ledger.check_budget("fp", planned, DELTA, dataset_budget=total + 0.01) == pytest.approx(total)
     with pytest.raises(BudgetExceededError, match="--dataset-budget"):
         ledger.check_budget("fp", planned, DELTA, dataset_budget=total - 0.01)
     assert len(ledger.history("fp")) == 1  # checking records nothing

@@ -21,43 +21,69 @@ EVIL = "<script>alert('x')</script>"
 
 def audit_fixture(shift: float, eps_lb: float, completion: str, theoretical) -> dict:
     rng = np.random.default_rng(0)
-    mia = {s: attack_metrics(rng.normal(shift, 1, 100), rng.normal(0, 1, 100), n_boot=20)
-           for s in ("loss", "min_k")}
+    mia = {s: attack_metrics(rng.normal(shift, 1, 100), rng.normal(0, 1, 100), n_boot=20) for s in ("loss", "min_k")}
     return {
         "settings": {"members_scored": 100, "non_members_scored": 100, "seed": 0},
-        "extraction": {"member_rate": 0.8, "non_member_rate": 0.06, "advantage": 0.74,
-                       "advantage_ci": [0.6, 0.85],
-                       "by_repetition": {"1": {"patients": 10, "rate": 0.5},
-                                         "8": {"patients": 3, "rate": 1.0}},
-                       "rank": {"member_mean_rank": 1.5, "non_member_mean_rank": 7.0,
-                                "member_top1": 0.7, "non_member_top1": 0.1}},
+        "extraction": {
+            "member_rate": 0.8,
+            "non_member_rate": 0.06,
+            "advantage": 0.74,
+            "advantage_ci": [0.6, 0.85],
+            "by_repetition": {"1": {"patients": 10, "rate": 0.5}, "8": {"patients": 3, "rate": 1.0}},
+            "rank": {"member_mean_rank": 1.5, "non_member_mean_rank": 7.0, "member_top1": 0.7, "non_member_top1": 0.1},
+        },
         "mia": mia,
-        "exposure": {"by_repetition": {"0": {"canaries": 2, "mean_exposure": 1.0},
-                                       "4": {"canaries": 2, "mean_exposure": 12.0 * shift}}},
-        "one_run": {"epsilon_lower_bound": eps_lb, "m": 1000, "guesses": 400, "correct": 390,
-                    "delta": 1e-5, "correction": "Bonferroni over 4 splits"},
-        "theoretical_epsilon": theoretical, "delta": 1e-5, "dupont_completion": completion,
+        "exposure": {
+            "by_repetition": {
+                "0": {"canaries": 2, "mean_exposure": 1.0},
+                "4": {"canaries": 2, "mean_exposure": 12.0 * shift},
+            }
+        },
+        "one_run": {
+            "epsilon_lower_bound": eps_lb,
+            "m": 1000,
+            "guesses": 400,
+            "correct": 390,
+            "delta": 1e-5,
+            "correction": "Bonferroni over 4 splits",
+        },
+        "theoretical_epsilon": theoretical,
+        "delta": 1e-5,
+        "dupont_completion": completion,
     }
 
 
 def model_fixture(shift, eps_lb, completion, theoretical) -> dict:
-    metrics = [{"step": s, "loss": 2.0 / (s + 1), "epsilon": None if theoretical is None
-                else theoretical * s / 9} for s in range(10)]
-    return {"audit": audit_fixture(shift, eps_lb, completion, theoretical),
-            "utility": {"records": 40, "exact_match": {"last_name": 0.9, "condition": 0.9,
-                                                       "full": 0.88},
-                        "valid_format": 1.0, "loss": 0.3, "perplexity": 1.35},
-            "metrics": metrics,
-            "privacy": {"epsilon": theoretical, "delta": 1e-5, "dp": theoretical is not None}}
+    metrics = [
+        {"step": s, "loss": 2.0 / (s + 1), "epsilon": None if theoretical is None else theoretical * s / 9}
+        for s in range(10)
+    ]
+    return {
+        "audit": audit_fixture(shift, eps_lb, completion, theoretical),
+        "utility": {
+            "records": 40,
+            "exact_match": {"last_name": 0.9, "condition": 0.9, "full": 0.88},
+            "valid_format": 1.0,
+            "loss": 0.3,
+            "perplexity": 1.35,
+        },
+        "metrics": metrics,
+        "privacy": {"epsilon": theoretical, "delta": 1e-5, "dp": theoretical is not None},
+    }
 
 
 @pytest.fixture
 def report(tmp_path):
     path = tmp_path / "out" / "report.html"
-    write_report(path, {"models": {
-        "non-private": model_fixture(1.5, 2.1, ' was diagnosed with pancreatic cancer."}', None),
-        "dp": model_fixture(0.0, 0.0, EVIL, 8.0),
-    }})
+    write_report(
+        path,
+        {
+            "models": {
+                "non-private": model_fixture(1.5, 2.1, ' was diagnosed with pancreatic cancer."}', None),
+                "dp": model_fixture(0.0, 0.0, EVIL, 8.0),
+            }
+        },
+    )
     return path
 
 
@@ -79,8 +105,7 @@ def test_report_escapes_text_and_shows_dupont_only_in_generations(report):
     page = report.read_text(encoding="utf-8")
     assert EVIL not in page and "&lt;script&gt;" in page
     generations = page.split("id='generations'", 1)[1]
-    assert "pancreatic cancer" in generations and "pancreatic cancer" not in page.split(
-        "id='generations'", 1)[0]
+    assert "pancreatic cancer" in generations and "pancreatic cancer" not in page.split("id='generations'", 1)[0]
 
 
 def test_report_for_a_single_model_with_missing_parts(tmp_path):
@@ -96,7 +121,11 @@ def test_report_renders_in_headless_chromium(report):
         pytest.skip("chromium is not installed")
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", report.as_uri()],
-        capture_output=True, text=True, timeout=60, check=True).stdout
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     for sid in SECTION_IDS:
         assert re.search(rf"<section id=\"{sid}\"", dom), sid
     assert dom.count("<img") >= 4

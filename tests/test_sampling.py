@@ -25,10 +25,8 @@ def binomial_chi_square_p(observed: np.ndarray, n: int, p: float) -> float:
     counts = np.bincount(observed, minlength=n + 1)
     lo = np.flatnonzero(np.cumsum(expected) >= 5)[0]
     hi = n - np.flatnonzero(np.cumsum(expected[::-1]) >= 5)[0]
-    exp_bins = np.concatenate([[expected[: lo + 1].sum()], expected[lo + 1 : hi],
-                               [expected[hi:].sum()]])
-    obs_bins = np.concatenate([[counts[: lo + 1].sum()], counts[lo + 1 : hi],
-                               [counts[hi:].sum()]])
+    exp_bins = np.concatenate([[expected[: lo + 1].sum()], expected[lo + 1 : hi], [expected[hi:].sum()]])
+    obs_bins = np.concatenate([[counts[: lo + 1].sum()], counts[lo + 1 : hi], [counts[hi:].sum()]])
     return stats.chisquare(obs_bins, exp_bins).pvalue
 
 
@@ -107,8 +105,7 @@ def test_batch_size_consistency_holds_for_small_expected_batches():
     # N·q = 1: very skewed binomial; the kurtosis-corrected variance test keeps its level.
     n, q = 100, 0.01
     sampler = PoissonSampler(n, q, seed=7)
-    p_values = [batch_size_consistency([b.size for b in draw(sampler, 300)], n, q)
-                for _ in range(100)]
+    p_values = [batch_size_consistency([b.size for b in draw(sampler, 300)], n, q) for _ in range(100)]
     assert min(p_values) > 1e-4
     assert np.mean(np.array(p_values) < 0.05) < 0.15
 
@@ -146,8 +143,7 @@ def test_cap_unit_examples_is_seeded_and_bounded():
     unit_examples = [list(range(10 * u, 10 * u + k)) for u, k in enumerate([1, 5, 10, 3])]
     capped = cap_unit_examples(unit_examples, 3, seed=0)
     assert [len(u) for u in capped] == [1, 3, 3, 3]
-    assert all(set(c) <= set(u) and c == sorted(c) for c, u in zip(capped, unit_examples,
-                                                                   strict=True))
+    assert all(set(c) <= set(u) and c == sorted(c) for c, u in zip(capped, unit_examples, strict=True))
     assert capped == cap_unit_examples(unit_examples, 3, seed=0)
     assert capped != cap_unit_examples(unit_examples, 3, seed=1)
     with pytest.raises(ConfigError, match="--max-records-per-user"):

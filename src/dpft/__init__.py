@@ -22,19 +22,23 @@ def train(data: str, output: str, **options: Any) -> dict[str, Any]:
         DpftError: invalid options or data, or a refused run.
     """
     from dpft.config import TrainConfig
-    from dpft.train.recipe import train as run
+    from dpft.training.recipe import train as run
 
     return run(TrainConfig(data=data, output=output, **options))
 
 
-def compute_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld") -> float:
+def compute_epsilon(
+    sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld"
+) -> float:
     """ε of `steps` Poisson-sampled Gaussian steps (see `dpft.privacy.accounting`)."""
     from dpft.privacy.accounting import compute_epsilon as compute
 
     return compute(sample_rate, noise_multiplier, steps, delta, accountant)
 
 
-def calibrate_noise(sample_rate: float, steps: int, delta: float, target_epsilon: float, accountant: str = "pld") -> float:
+def calibrate_noise(
+    sample_rate: float, steps: int, delta: float, target_epsilon: float, accountant: str = "pld"
+) -> float:
     """Smallest noise multiplier σ whose ε after `steps` steps is at most `target_epsilon`."""
     from dpft.privacy.accounting import calibrate_noise as calibrate
 
@@ -42,6 +46,12 @@ def calibrate_noise(sample_rate: float, steps: int, delta: float, target_epsilon
 
 
 __all__ = [
-    "BudgetExceededError", "CheckpointError", "ConfigError", "DataError", "DpftError",
-    "calibrate_noise", "compute_epsilon", "train",
+    "BudgetExceededError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DpftError",
+    "calibrate_noise",
+    "compute_epsilon",
+    "train",
 ]

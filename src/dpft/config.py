@@ -28,7 +28,9 @@ class TrainConfig:
     # What to train on, and where to write.
     data: str = _opt("", "Training records: .jsonl, .csv or .parquet (prompt/completion, text or messages).")
     output: str = _opt("", "Run directory to create (model, privacy.json, metrics.jsonl, model card).")
-    model: str = _opt(EMBEDDED_NAME, "Hugging Face model id or local path; default: the embedded SmolLM2-135M-Instruct.")
+    model: str = _opt(
+        EMBEDDED_NAME, "Hugging Face model id or local path; default: the embedded SmolLM2-135M-Instruct."
+    )
     # Model and adapters.
     full: bool = _opt(False, "Fine-tune all weights (tied embeddings included) instead of LoRA adapters.")
     lora_r: int = _opt(8, "LoRA rank.")
@@ -40,17 +42,32 @@ class TrainConfig:
     max_length: int = _opt(128, "Maximum tokens per example; longer examples are truncated and counted.")
     loss_on: str = _opt("completion", "For prompt/completion records: 'completion' (loss on the answer) or 'all'.")
     # Privacy.
-    no_dp: bool = _opt(False, "Non-private baseline: same loop and sampling, no clipping, no noise (privacy.json says dp: false).")
-    epsilon: float | None = _opt(8.0, "Target ε: σ is calibrated so the planned steps spend at most this; with --noise-multiplier it is a hard cap.")
+    no_dp: bool = _opt(
+        False, "Non-private baseline: same loop and sampling, no clipping, no noise (privacy.json says dp: false)."
+    )
+    epsilon: float | None = _opt(
+        8.0,
+        "Target ε: σ is calibrated so the planned steps spend at most this; with --noise-multiplier it is a hard cap.",
+    )
     delta: float = _opt(1e-5, "Target δ; must be well below 1/number of privacy units.")
     noise_multiplier: float | None = _opt(None, "Noise multiplier σ; without --epsilon, ε is reported but not capped.")
     max_grad_norm: float = _opt(1.0, "Clipping bound C on each privacy unit's gradient (L2).")
     accountant: str = _opt("pld", "Privacy accountant: pld (tight, default) or rdp.")
-    privacy_unit: str = _opt("record", "Privacy unit: 'record', or 'user' (groups records by user_id: protects whole people).")
-    max_records_per_user: int = _opt(8, "User-level only: at most this many records per user are used (chosen once, seeded).")
-    secure_noise: bool = _opt(False, "Draw noise seeds from OS entropy (not reproducible) with the Holohan-Braghin mitigation.")
-    dataset_budget: float | None = _opt(None, "Refuse the run if the ledger's total ε on this dataset would exceed this.")
-    ledger: str | None = _opt(None, "Privacy budget ledger file (default: $DPFT_LEDGER or ~/.cache/dpft/ledger.sqlite).")
+    privacy_unit: str = _opt(
+        "record", "Privacy unit: 'record', or 'user' (groups records by user_id: protects whole people)."
+    )
+    max_records_per_user: int = _opt(
+        8, "User-level only: at most this many records per user are used (chosen once, seeded)."
+    )
+    secure_noise: bool = _opt(
+        False, "Draw noise seeds from OS entropy (not reproducible) with the Holohan-Braghin mitigation."
+    )
+    dataset_budget: float | None = _opt(
+        None, "Refuse the run if the ledger's total ε on this dataset would exceed this."
+    )
+    ledger: str | None = _opt(
+        None, "Privacy budget ledger file (default: $DPFT_LEDGER or ~/.cache/dpft/ledger.sqlite)."
+    )
     # Optimisation.
     batch_size: int = _opt(64, "Expected logical batch size: each unit is sampled with probability batch_size / units.")
     micro_batch_size: int = _opt(8, "Examples per forward/backward pass (memory cap); does not change the privacy.")
@@ -60,7 +77,10 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     seed: int = _opt(0, "Seed for sampling, noise (unless --secure-noise) and initialisation.")
     # Operations.
-    checkpoint_every: int = _opt(50, "Write a resumable checkpoint every N steps (0: only at the end).")
+    checkpoint_every: int = _opt(
+        50,
+        "Write a resumable checkpoint every N steps (0: never; a resume then restarts from step 0, still accounting every step).",
+    )
     resume: str | None = _opt(None, "Resume the run in this directory after a crash (its saved config is used).")
     quiet: bool = _opt(False, "No progress bar.")
 
@@ -108,24 +128,32 @@ def _check_choices(c: TrainConfig) -> list[str]:
         "--accountant": (c.accountant, ("pld", "rdp")),
         "--privacy-unit": (c.privacy_unit, ("record", "user")),
     }
-    return [f"{flag} must be one of {', '.join(ok)} (got {value!r})" for flag, (value, ok) in choices.items() if value not in ok]
+    return [
+        f"{flag} must be one of {', '.join(ok)} (got {value!r})"
+        for flag, (value, ok) in choices.items()
+        if value not in ok
+    ]
 
 
 def _check_numbers(c: TrainConfig) -> list[str]:
     positive = {
-        "--lora-r": c.lora_r, "--lora-alpha": c.lora_alpha, "--max-length": c.max_length,
-        "--batch-size": c.batch_size, "--micro-batch-size": c.micro_batch_size, "--lr": c.lr,
+        "--lora-r": c.lora_r,
+        "--lora-alpha": c.lora_alpha,
+        "--max-length": c.max_length,
+        "--batch-size": c.batch_size,
+        "--micro-batch-size": c.micro_batch_size,
+        "--lr": c.lr,
         "--max-records-per-user": c.max_records_per_user,
     }
-    out = [f"{flag} must be > 0 (got {v})" for flag, v in positive.items() if not (v > 0)]
+    out = [f"{flag} must be a finite number > 0 (got {v})" for flag, v in positive.items() if not (0 < v < math.inf)]
     if c.max_steps is None and not (c.epochs > 0 and math.isfinite(c.epochs)):
         out.append(f"--epochs must be > 0 (got {c.epochs})")
     if c.max_steps is not None and c.max_steps <= 0:
         out.append(f"--max-steps must be > 0 (got {c.max_steps})")
     if c.checkpoint_every < 0:
         out.append(f"--checkpoint-every must be >= 0 (got {c.checkpoint_every})")
-    if c.weight_decay < 0:
-        out.append(f"--weight-decay must be >= 0 (got {c.weight_decay})")
+    if not (0 <= c.weight_decay < math.inf):
+        out.append(f"--weight-decay must be a finite number >= 0 (got {c.weight_decay})")
     return out
 
 
@@ -142,7 +170,9 @@ def _check_privacy(c: TrainConfig) -> list[str]:
     if not (0 < c.delta < 1):
         out.append(f"--delta must be in (0, 1) (got {c.delta})")
     if not (c.max_grad_norm > 0 and math.isfinite(c.max_grad_norm)):
-        out.append(f"--max-grad-norm must be a finite number > 0 (got {c.max_grad_norm}); it bounds each unit's influence")
+        out.append(
+            f"--max-grad-norm must be a finite number > 0 (got {c.max_grad_norm}); it bounds each unit's influence"
+        )
     if c.dataset_budget is not None and not (c.dataset_budget > 0):
         out.append(f"--dataset-budget must be > 0 (got {c.dataset_budget})")
     return out

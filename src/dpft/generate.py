@@ -7,8 +7,15 @@ import torch
 
 @torch.inference_mode()
 def generate_text(
-    model, tokenizer, *, prompt: str | None = None, chat: str | None = None, max_new_tokens: int = 48,
-    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    model,
+    tokenizer,
+    *,
+    prompt: str | None = None,
+    chat: str | None = None,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> str:
     """Continue `prompt` as raw text, or answer `chat` through the tokenizer's chat template."""
     if chat is not None:
@@ -20,8 +27,12 @@ def generate_text(
     torch.manual_seed(seed)
     sampling = temperature > 0
     out = model.eval().generate(
-        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
-        do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

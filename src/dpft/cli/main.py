@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 
 import typer
 
@@ -110,7 +112,15 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars and deprecation chatter would bury our one-line messages."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars follow it
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main() -> None:
+    _quiet_libraries()
     app()
 
 

@@ -151,6 +151,9 @@ def _parse_jsonl(path: str, lines: list[tuple[int, str]]) -> tuple[list, list[Da
             continue
         try:
             value = json.loads(text)
+        except RecursionError:
+            problems.append(DataError(path, number, None, "malformed JSON (nested too deeply)"))
+            continue
         except json.JSONDecodeError as exc:
             # exc.msg names the syntax problem only; str(exc) could not quote data either,
             # but the column is all the user needs.
@@ -255,7 +258,18 @@ def _check_string(fields: dict, key: str) -> list[tuple[str, str]]:
         return [(key, f"must be a string, not a {_type_name(value)}")]
     if not value.strip():
         return [(key, "is empty")]
+    if not _encodable(value):
+        return [(key, "is not valid Unicode text (lone surrogate escape)")]
     return []
+
+
+def _encodable(text: str) -> bool:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_messages(messages: Any) -> list[tuple[str, str]]:
@@ -284,6 +298,8 @@ def _check_message(message: Any) -> tuple[str, str] | None:
         return ".content", f"must be a string, not a {_type_name(content)}"
     if role == "assistant" and not content.strip():
         return ".content", "is empty"
+    if not _encodable(content):
+        return ".content", "is not valid Unicode text (lone surrogate escape)"
     return None
 
 

@@ -7,6 +7,7 @@ mid-conversion never leaves a half-written cache.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -44,6 +45,19 @@ def embedded_model_dir() -> Path:
     if (target / _COMPLETE_MARK).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (another process may be converting right now): holding the lock, we
+    # know every leftover temporary folder belongs to a dead process and can go (they are ~500 MB).
+    with open(target.parent / f".{EMBEDDED_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _COMPLETE_MARK).is_file():  # converted by the process we waited for
+            return target
+        for leftover in target.parent.glob(f".{EMBEDDED_NAME}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _convert_into(target)
+    return target
+
+
+def _convert_into(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
     try:
         _convert(gguf_path(), tmp)
@@ -55,7 +69,6 @@ def embedded_model_dir() -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _convert(gguf: Path, out: Path) -> None:

@@ -56,9 +56,7 @@ def with_lora(model: torch.nn.Module, r: int, alpha: float, targets: str, dropou
     from peft import LoraConfig, get_peft_model
 
     modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM"
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as err:
