@@ -188,3 +188,16 @@ def test_max_records_caps_scoring_but_keeps_dupont(tok):
     assert out["extraction"]["non_members"] == 2 and out["dupont_completion"] is not None
     assert out["exposure"] is None and out["one_run"] is None
     assert out["extraction"]["rank"]["num_conditions"] == 3
+
+
+def test_shared_head_scoring_equals_full_sequences():
+    """The KV-cached candidate scorer must give exactly the full-sequence log-probabilities."""
+    from conftest import tiny_llama
+    from dpft.audit.scoring import continuation_logprob, shared_head_logprobs
+
+    model = tiny_llama()
+    head = [5, 9, 17, 33, 2, 40]
+    tails = [[7], [8, 9, 10], [11, 12], [3, 3, 3, 3, 3]]
+    cached = shared_head_logprobs(model, head, tails, batch_size=3)
+    full = continuation_logprob(model, [head] * len(tails), tails, batch_size=2)
+    assert cached == pytest.approx(full, rel=1e-4, abs=1e-4)
