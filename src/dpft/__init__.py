@@ -27,6 +27,24 @@ def train(data: str, output: str, **options: Any) -> dict[str, Any]:
     return run(TrainConfig(data=data, output=output, **options))
 
 
+def audit(members: str, non_members: str, output: str, **options: Any) -> dict[str, Any]:
+    """Audit a model (`run=` a dpft run directory, or `model=` any id/path) for what it leaks.
+
+    Options mirror `dpft audit`: canaries, manifest, reference, max_records, batch_size, seed, bf16.
+    Writes audit.json and report.html into `output` and returns the audit.
+    """
+    from dpft.audit.api import audit as run
+
+    return run(members, non_members, output, **options)
+
+
+def evaluate(data: str, **options: Any) -> dict[str, Any]:
+    """Task utility of a model (`run=` or `model=`) on held-out prompt/completion records."""
+    from dpft.audit.api import evaluate as run
+
+    return run(data, **options)
+
+
 def compute_epsilon(
     sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld"
 ) -> float:
@@ -51,7 +69,9 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DpftError",
+    "audit",
     "calibrate_noise",
     "compute_epsilon",
+    "evaluate",
     "train",
 ]

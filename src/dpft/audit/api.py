@@ -1,0 +1,141 @@
+"""Audit or evaluate a model named by a run directory or a model id/path, reading data files.
+
+Shared by `dpft audit` / `dpft evaluate` and the Python API (`dpft.audit`, `dpft.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dpft.errors import ConfigError, DataError
+
+
+def load_target(run: str | None, model: str | None):
+    """The audited model: a dpft run directory (`run`) or any HF model id/path (`model`)."""
+    from dpft.models import load_base_model, load_run_model
+
+    if (run is None) == (model is None):
+        raise ConfigError(["give exactly one of --run (a dpft run directory) or --model (any model id or path)"])
+    return load_run_model(run) if run else load_base_model(model)
+
+
+def read_dicts(path: str) -> list[dict]:
+    """Records as plain dicts, validated by the data layer (file:line errors)."""
+    from dpft.data import read_records
+
+    return [r.fields for r in read_records(path)]
+
+
+def read_canaries(path: str) -> list[dict]:
+    """canaries.jsonl rows, each checked for the fields the audit needs."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(path, None, None, f"cannot read ({type(err).__name__})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(path, i, None, "malformed JSON") from None
+        if not isinstance(row, dict):
+            raise DataError(path, i, None, "is not a JSON object")
+        missing = [k for k in ("prefix", "secret", "kind") if k not in row]
+        if missing:
+            raise DataError(path, i, missing[0], "missing canary field")
+        out.append(row)
+    return out
+
+
+def run_privacy(run: str | None) -> dict | None:
+    if run is None or not (Path(run) / "privacy.json").is_file():
+        return None
+    return json.loads((Path(run) / "privacy.json").read_text())
+
+
+def evaluate(
+    data: str, run: str | None = None, model: str | None = None, batch_size: int = 16, bf16: bool = False
+) -> dict:
+    """Task utility of a model on held-out prompt/completion records."""
+    from dpft.audit.utility import evaluate_utility
+
+    target = load_target(run, model)
+    with _autocast(bf16):
+        return evaluate_utility(target.model, target.tokenizer, read_dicts(data), batch_size=batch_size)
+
+
+def audit(
+    members: str,
+    non_members: str,
+    output: str,
+    run: str | None = None,
+    model: str | None = None,
+    canaries: str | None = None,
+    manifest: str | None = None,
+    reference: str | None = None,
+    max_records: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    bf16: bool = False,
+) -> dict:
+    """Audit a model against member and non-member files; writes audit.json and report.html in `output`.
+
+    Returns:
+        The audit (audit.json content).
+    """
+    from dpft.audit.report import write_report
+    from dpft.audit.runner import run_audit
+    from dpft.models import load_base_model
+
+    target = load_target(run, model)
+    privacy = run_privacy(run)
+    ref_name = reference or (_base_model_of(run) if run else None)
+    ref = load_base_model(ref_name).model if ref_name else None
+    with _autocast(bf16):
+        result = run_audit(
+            target.model,
+            target.tokenizer,
+            read_dicts(members),
+            read_dicts(non_members),
+            read_canaries(canaries) if canaries else None,
+            _conditions(manifest),
+            ref,
+            batch_size=batch_size,
+            max_records=max_records,
+            seed=seed,
+            theoretical_epsilon=privacy.get("epsilon") if privacy else None,
+            delta=privacy.get("delta") if privacy else None,
+        )
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(result, indent=2))
+    name = Path(run).name if run else str(model)
+    write_report(
+        out / "report.html", {"title": f"dpft audit: {name}", "models": {name: {"audit": result, "privacy": privacy}}}
+    )
+    return result
+
+
+def _autocast(bf16: bool):
+    # bf16 matmuls halve CPU time; every score is still computed in fp32 from the logits.
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _base_model_of(run: str) -> str | None:
+    meta = Path(run) / "model" / "dpft-model.json"
+    return json.loads(meta.read_text())["base_model"] if meta.is_file() else None
+
+
+def _conditions(manifest: str | None) -> list[str] | None:
+    if manifest is None:
+        return None
+    try:
+        return [c["name"] for c in json.loads(Path(manifest).read_text())["conditions"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(manifest, None, "conditions", "not a synth-medical manifest") from None
