@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpft.config import TrainConfig
+from dpft.errors import DpftError
+from dpft.models.embedded import EMBEDDED_NAME
 
 
 @dataclass
 class DemoOptions:
     output: str = "demo-out"
+    model: str = EMBEDDED_NAME
     patients: int = 160
     epochs: float = 4.0
     epsilon: float = 8.0
@@ -29,7 +32,9 @@ class DemoOptions:
     seed: int = 0
     batch_size: int = 32
     audit_records: int = 120
+    quiet: bool = False
     canaries_per_repetition: int = 2
+    one_run_canaries: int = 200
     exposure_candidates: int = 500
 
 
@@ -37,6 +42,7 @@ def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConf
     """One training setting for both models; only clipping and noise differ."""
     return TrainConfig(
         data=str(data / "train.jsonl"),
+        model=o.model,
         output=str(output),
         no_dp=not dp,
         epsilon=o.epsilon if dp else None,
@@ -55,7 +61,7 @@ def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConf
         lr=5e-3 if dp else 2e-3,
         seed=o.seed,
         checkpoint_every=0,
-        quiet=False,
+        quiet=o.quiet,
     )
 
 
@@ -69,11 +75,18 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
 
     out = Path(o.output)
     data = out / "data"
+    _claim_output(out, o)
     t0 = time.perf_counter()
-    manifest = synth_medical(data, patients=o.patients, seed=o.seed, canaries_per_repetition=o.canaries_per_repetition)
+    manifest = synth_medical(
+        data,
+        patients=o.patients,
+        seed=o.seed,
+        canaries_per_repetition=o.canaries_per_repetition,
+        one_run_canaries=o.one_run_canaries,
+    )
     conditions = [c["name"] for c in manifest["conditions"]]
     members, holdout, canaries = (_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
-    reference = load_base_model().model
+    reference = load_base_model(o.model).model
     models: dict[str, dict[str, Any]] = {}
     for name, dp in (("non-private", False), ("dp", True)):
         run = out / "runs" / name
@@ -84,12 +97,25 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
         out / "report.html",
         {
             "title": "dpft demo: a plain fine-tune leaks, a DP fine-tune does not",
+            "notes": _notes(o),
             "models": models,
         },
     )
     print_summary(models)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s → {out / 'report.html'}")
     return models
+
+
+def _notes(o: DemoOptions) -> list[str]:
+    return [
+        f"Both models: {o.model}, LoRA r=16 on all linear layers, bf16 autocast, {o.epochs:g} epochs, "
+        f"expected batch {o.batch_size} patients, loss on ALL tokens of each record (the record text is a "
+        "training target, which is what lets a plain fine-tune memorise it). Only clipping and noise differ.",
+        f"DP model: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (all records of a person, "
+        "up to 16); non-private model: same loop and Poisson sampling, no clipping, no noise.",
+        f"Synthetic data: {o.patients} patients (seed {o.seed}), split by patient; the audit scores up to "
+        f"{o.audit_records} patients and records on each side, {o.exposure_candidates} random candidates per canary.",
+    ]
 
 
 def _assess(o: DemoOptions, run: Path, privacy: dict, members, holdout, canaries, conditions, reference) -> dict:
@@ -122,6 +148,16 @@ def _assess(o: DemoOptions, run: Path, privacy: dict, members, holdout, canaries
         }
     done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _claim_output(out: Path, o: DemoOptions) -> None:
+    """Runs in `out` are reused on a re-run, so they must come from the same settings."""
+    settings = {k: v for k, v in asdict(o).items() if k not in ("output", "quiet")}
+    path = out / "demo.json"
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise DpftError(f"--output {out}: holds a demo run with other settings; choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def _train_or_reuse(cfg: TrainConfig, run: Path, train) -> dict[str, Any]:

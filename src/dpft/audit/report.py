@@ -13,8 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-SECTION_IDS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon",
-               "generations")
+SECTION_IDS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon", "generations")
 _DUPONT_PREFIX = '{medical_record: "François Dupont'
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em}
@@ -27,7 +26,8 @@ def write_report(path, sections: dict) -> None:
 
     Args:
         path: output file.
-        sections: {"title": optional str, "models": {name: {"audit": run_audit output,
+        sections: {"title": optional str, "notes": optional list of str (plain-text paragraphs
+            under the title, e.g. the training setting), "models": {name: {"audit": run_audit output,
             "utility": evaluate_utility output, "metrics": list of metrics.jsonl rows
             (with "step" and "loss" and/or "epsilon"), "privacy": privacy.json content}}};
             any part may be missing and its cells then read "n/a".
@@ -37,10 +37,21 @@ def write_report(path, sections: dict) -> None:
     """
     models = sections.get("models", {})
     title = sections.get("title", "dpft audit report")
-    body = [_summary(models), _training(models), _utility(models), _extraction(models),
-            _exposure(models), _mia(models), _epsilon(models), _generations(models)]
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>{''.join(body)}</body></html>")
+    notes = "".join(f"<p class='note'>{_e(n)}</p>" for n in sections.get("notes", []))
+    body = [
+        _summary(models),
+        _training(models),
+        _utility(models),
+        _extraction(models),
+        _exposure(models),
+        _mia(models),
+        _epsilon(models),
+        _generations(models),
+    ]
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>{notes}{''.join(body)}</body></html>"
+    )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
@@ -92,12 +103,32 @@ def _theoretical(m: dict):
 
 
 def _summary(models: dict) -> str:
-    rows = [[name, _theoretical(m), _get(m, "audit", "one_run", "epsilon_lower_bound"),
-             _get(m, "utility", "exact_match", "full"), _get(m, "audit", "extraction", "advantage"),
-             _get(m, "audit", "mia", "loss", "auc")] for name, m in models.items()]
-    return _section("summary", "Summary", _table(
-        ["model", "ε (guarantee)", "ε lower bound (audit)", "task exact match",
-         "extraction advantage", "MIA AUC (loss)"], rows))
+    rows = [
+        [
+            name,
+            _theoretical(m),
+            _get(m, "audit", "one_run", "epsilon_lower_bound"),
+            _get(m, "utility", "exact_match", "full"),
+            _get(m, "audit", "extraction", "advantage"),
+            _get(m, "audit", "mia", "loss", "auc"),
+        ]
+        for name, m in models.items()
+    ]
+    return _section(
+        "summary",
+        "Summary",
+        _table(
+            [
+                "model",
+                "ε (guarantee)",
+                "ε lower bound (audit)",
+                "task exact match",
+                "extraction advantage",
+                "MIA AUC (loss)",
+            ],
+            rows,
+        ),
+    )
 
 
 def _training(models: dict) -> str:
@@ -121,33 +152,61 @@ def _training(models: dict) -> str:
 
 
 def _utility(models: dict) -> str:
-    rows = [[name, _get(m, "utility", "exact_match", "last_name"),
-             _get(m, "utility", "exact_match", "condition"),
-             _get(m, "utility", "exact_match", "full"),
-             _get(m, "utility", "valid_format"), _get(m, "utility", "loss"),
-             _get(m, "utility", "perplexity"), _get(m, "utility", "records")]
-            for name, m in models.items()]
-    return _section("utility", "Task utility (held-out records)", _table(
-        ["model", "last name", "condition", "full answer", "valid format", "loss", "perplexity",
-         "records"], rows))
+    rows = [
+        [
+            name,
+            _get(m, "utility", "exact_match", "last_name"),
+            _get(m, "utility", "exact_match", "condition"),
+            _get(m, "utility", "exact_match", "full"),
+            _get(m, "utility", "valid_format"),
+            _get(m, "utility", "loss"),
+            _get(m, "utility", "perplexity"),
+            _get(m, "utility", "records"),
+        ]
+        for name, m in models.items()
+    ]
+    return _section(
+        "utility",
+        "Task utility (held-out records)",
+        _table(
+            ["model", "last name", "condition", "full answer", "valid format", "loss", "perplexity", "records"], rows
+        ),
+    )
 
 
 def _extraction(models: dict) -> str:
-    reps = sorted({int(k) for m in models.values()
-                   for k in (_get(m, "audit", "extraction", "by_repetition") or {})})
-    header = ["model", "members", "non-members (baseline)", "advantage", "95% CI",
-              *[f"{r} record(s)" for r in reps], "mean rank (m / non-m)", "top-1 (m / non-m)"]
+    reps = sorted({int(k) for m in models.values() for k in (_get(m, "audit", "extraction", "by_repetition") or {})})
+    header = [
+        "model",
+        "members",
+        "non-members (baseline)",
+        "advantage",
+        "95% CI",
+        *[f"{r} record(s)" for r in reps],
+        "mean rank (m / non-m)",
+        "top-1 (m / non-m)",
+    ]
     rows = []
     for name, m in models.items():
         x = _get(m, "audit", "extraction") or {}
         by = x.get("by_repetition") or {}
         rank = x.get("rank") or {}
-        rows.append([name, x.get("member_rate"), x.get("non_member_rate"), x.get("advantage"),
-                     x.get("advantage_ci"), *[_get(by, str(r), "rate") for r in reps],
-                     _pair(rank, "member_mean_rank", "non_member_mean_rank"),
-                     _pair(rank, "member_top1", "non_member_top1")])
-    note = ("<p>Rate at which greedy decoding after a patient's name prefix names their true "
-            "condition, by number of the patient's records in training.</p>")
+        rows.append(
+            [
+                name,
+                x.get("member_rate"),
+                x.get("non_member_rate"),
+                x.get("advantage"),
+                x.get("advantage_ci"),
+                *[_get(by, str(r), "rate") for r in reps],
+                _pair(rank, "member_mean_rank", "non_member_mean_rank"),
+                _pair(rank, "member_top1", "non_member_top1"),
+            ]
+        )
+    note = (
+        "<p>Rate at which greedy decoding after a patient's name prefix names their true "
+        "condition, by number of the patient's records in training.</p>"
+    )
     return _section("extraction", "Targeted extraction", note, _table(header, rows))
 
 
@@ -170,8 +229,12 @@ def _exposure(models: dict) -> str:
     ax.set_xlabel("insertions of the canary")
     ax.set_ylabel("mean exposure (bits)")
     ax.legend()
-    return _section("exposure", "Canary exposure", _png(fig, "exposure by repetition"),
-                    _table(["model", "insertions", "canaries", "mean exposure (bits)"], rows))
+    return _section(
+        "exposure",
+        "Canary exposure",
+        _png(fig, "exposure by repetition"),
+        _table(["model", "insertions", "canaries", "mean exposure (bits)"], rows),
+    )
 
 
 def _mia(models: dict) -> str:
@@ -181,36 +244,64 @@ def _mia(models: dict) -> str:
     for ax, (name, m) in zip(axes, models.items(), strict=False):
         for score, r in (_get(m, "audit", "mia") or {}).items():
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{score} (AUC {r['auc']:.2f})")
-            rows.append([name, score, r["auc"], r["auc_ci"], r["tpr_at_fpr"].get("0.01"),
-                         r["tpr_at_fpr"].get("0.001")])
+            rows.append([name, score, r["auc"], r["auc_ci"], r["tpr_at_fpr"].get("0.01"), r["tpr_at_fpr"].get("0.001")])
         ax.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8)
-        ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), title=name,
-               xlabel="false positive rate", ylabel="true positive rate")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlim=(1e-3, 1),
+            ylim=(1e-3, 1.05),
+            title=name,
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+        )
         if len(ax.lines) > 1:
             ax.legend(fontsize=7)
     if not rows:
         return _section("mia", "Membership inference", "<p>Not measured.</p>")
-    return _section("mia", "Membership inference", _png(fig, "ROC curves"), _table(
-        ["model", "score", "AUC", "AUC 95% CI", "TPR @ 1% FPR", "TPR @ 0.1% FPR"], rows))
+    return _section(
+        "mia",
+        "Membership inference",
+        _png(fig, "ROC curves"),
+        _table(["model", "score", "AUC", "AUC 95% CI", "TPR @ 1% FPR", "TPR @ 0.1% FPR"], rows),
+    )
 
 
 def _epsilon(models: dict) -> str:
     rows = []
     for name, m in models.items():
         o = _get(m, "audit", "one_run") or {}
-        rows.append([name, _theoretical(m), o.get("epsilon_lower_bound"), o.get("m"),
-                     o.get("guesses"), o.get("correct"), o.get("delta"), o.get("correction")])
-    note = ("<p>Empirical lower bound from one training run (Steinke, Nasr &amp; Jagielski "
-            "2023), 95% confidence: a DP guarantee below it would be refuted.</p>")
-    return _section("epsilon", "Empirical ε vs guarantee", note, _table(
-        ["model", "ε (guarantee)", "ε lower bound", "canaries", "guesses", "correct", "δ",
-         "multiple testing"], rows))
+        rows.append(
+            [
+                name,
+                _theoretical(m),
+                o.get("epsilon_lower_bound"),
+                o.get("m"),
+                o.get("guesses"),
+                o.get("correct"),
+                o.get("delta"),
+                o.get("correction"),
+            ]
+        )
+    note = (
+        "<p>Empirical lower bound from one training run (Steinke, Nasr &amp; Jagielski "
+        "2023), 95% confidence: a DP guarantee below it would be refuted.</p>"
+    )
+    return _section(
+        "epsilon",
+        "Empirical ε vs guarantee",
+        note,
+        _table(
+            ["model", "ε (guarantee)", "ε lower bound", "canaries", "guesses", "correct", "δ", "multiple testing"], rows
+        ),
+    )
 
 
 def _generations(models: dict) -> str:
     cols = "".join(
         f"<div><h3>{_e(name)}</h3><pre>{_e(_DUPONT_PREFIX)}"
         f"<b>{_e(_get(m, 'audit', 'dupont_completion') or '(not generated)')}</b></pre></div>"
-        for name, m in models.items())
+        for name, m in models.items()
+    )
     note = "<p>Greedy continuation of the name prefix of François Dupont, a training patient.</p>"
     return _section("generations", "Generations", note, f"<div class='gen'>{cols}</div>")

@@ -12,6 +12,7 @@ _D = DemoOptions()
 
 def demo(
     output: str = typer.Option(_D.output, "--output", help="Folder for data, both runs, audits and report.html."),
+    model: str = typer.Option(_D.model, "--model", help="Model id or path; default: the embedded SmolLM2-135M."),
     patients: int = typer.Option(_D.patients, "--patients", help="Synthetic patients (train and holdout)."),
     epochs: float = typer.Option(_D.epochs, "--epochs", help="Training epochs of both models."),
     epsilon: float = typer.Option(_D.epsilon, "--epsilon", help="Target ε of the DP model (patient-level)."),
@@ -20,7 +21,7 @@ def demo(
     """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
     from dpft.demo import run_demo
 
-    run_demo(DemoOptions(output=output, patients=patients, epochs=epochs, epsilon=epsilon, seed=seed))
+    run_demo(DemoOptions(output=output, model=model, patients=patients, epochs=epochs, epsilon=epsilon, seed=seed))
 
 
 def register(app: typer.Typer) -> None:

@@ -143,6 +143,7 @@ def setup(config: TrainConfig) -> Setup:
     if config.privacy_unit == "user":
         unit_examples = cap_unit_examples(unit_examples, config.max_records_per_user, config.seed)
     n_units = len(unit_examples)
+    micro_batches(range(n_units), unit_examples, config.micro_batch_size)  # a unit too big fails now, not mid-run
     q = sample_rate_for(config.batch_size, n_units)
     planned = config.max_steps or max(1, math.ceil(config.epochs * n_units / config.batch_size))
     sigma, allowed = _plan_noise(config, q, planned, n_units)

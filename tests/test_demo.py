@@ -1,0 +1,43 @@
+"""The demo end to end on a tiny model: data → two runs → assessments → one report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpft.demo import DemoOptions, run_demo
+from dpft.errors import DpftError
+
+SECTIONS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon", "generations")
+
+
+def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    opts = DemoOptions(
+        output=str(tmp_path / "demo"),
+        model=tiny_model_dir,
+        patients=16,
+        epochs=1,
+        batch_size=6,
+        audit_records=8,
+        exposure_candidates=40,
+        one_run_canaries=20,
+        quiet=True,
+    )
+    models = run_demo(opts)
+    assert set(models) == {"non-private", "dp"}
+    assert models["non-private"]["privacy"]["dp"] is False
+    dp = models["dp"]["privacy"]
+    assert dp["dp"] is True and dp["privacy_unit"] == "user" and 0 < dp["epsilon"] <= 8.0
+    page = (tmp_path / "demo" / "report.html").read_text()
+    for section in SECTIONS:
+        assert f"id='{section}'" in page or f'id="{section}"' in page
+    assert "loss on ALL tokens" in page
+    for name in ("non-private", "dp"):
+        audit = json.loads((tmp_path / "demo" / "runs" / name / "assessment.json").read_text())["audit"]
+        assert audit["theoretical_epsilon"] == models[name]["privacy"]["epsilon"]
+    assert "what each model leaks" in capsys.readouterr().out
+    # A re-run reuses every finished piece; other settings in the same folder are refused.
+    assert run_demo(opts)["dp"]["privacy"] == dp
+    with pytest.raises(DpftError, match="other settings"):
+        run_demo(DemoOptions(**{**opts.__dict__, "epochs": 2}))
