@@ -324,3 +324,103 @@ def test_factory_picks_the_accumulator() -> None:
     clipper = make_accumulator(model, 1.0)
     assert isinstance(clipper, PerUnitClipper)
     clipper.remove()
+
+
+def test_bf16_autocast_keeps_norms_sums_and_grads_fp32() -> None:
+    model, batch = tiny_llama(tie=True), make_batch(USERS)
+    clipper = PerUnitClipper(model, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = example_losses(model, *batch[:3])
+    norms = clipper.backward(losses, batch[3])
+    assert norms.dtype == torch.float32
+    assert clipper._sums and all(s.dtype == torch.float32 for s in clipper._sums.values())
+    clipper.write_grads()
+    clipper.remove()
+    assert all(p.grad.dtype == torch.float32 for p in trainable(model).values())
+
+
+def held_by(clipper: PerUnitClipper) -> tuple[int, int, int]:
+    """What the clipper keeps between micro-batches: captures, accumulators, their elements."""
+    return len(clipper._captures), len(clipper._sums), sum(s.numel() for s in clipper._sums.values())
+
+
+def live_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) in (Tensor, nn.Parameter))  # no isinstance: lazy modules
+
+
+def test_memory_is_flat_in_the_logical_batch() -> None:
+    """128 micro-batches in one logical step: the engine holds the same few tensors after each."""
+    model = tiny_llama(tie=True)
+    clipper = PerUnitClipper(model, 1.0)
+    held, tensors = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny ops: OpenMP barriers crawl on a loaded machine
+    try:
+        run_micro_batches(clipper, model, held, tensors)
+    finally:
+        torch.set_num_threads(threads)
+    n_params = sum(p.numel() for p in trainable(model).values())
+    assert set(held) == {(0, len(trainable(model)), n_params)}
+    assert tensors[1] <= tensors[0]
+    clipper.write_grads()
+    assert held_by(clipper) == (0, 0, 0)
+    clipper.remove()
+
+
+def run_micro_batches(clipper: PerUnitClipper, model: nn.Module, held: list, tensors: list) -> None:
+    for i in range(128):
+        batch = make_batch([0, 1, 1, 2], seed=i, length=8)
+        clipper.backward(example_losses(model, *batch[:3]), batch[3])
+        held.append(held_by(clipper))
+        if i in (1, 127):
+            tensors.append(live_tensors())
+
+
+class Norms(nn.Module):
+    """torch's RMSNorm, a bias-free LayerNorm, a Gemma-style (1 + w) RMSNorm, and an unknown scale."""
+
+    class GemmaRMSNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(0.1 * torch.randn(d))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+    class Scale(nn.Module):  # no rule: the generic torch.func one
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.randn(d))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tanh(x * self.gain)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 6)
+        self.rms, self.ln, self.gemma = nn.RMSNorm(6), nn.LayerNorm(6, bias=False), self.GemmaRMSNorm(6)
+        self.scale, self.head = self.Scale(6), nn.Linear(6, 10)
+        for p in (self.rms.weight, self.ln.weight):
+            nn.init.normal_(p, 1.0, 0.2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.scale(self.gemma(self.ln(self.rms(self.emb(ids))))))
+
+
+@pytest.mark.parametrize("units", [RECORDS, USERS], ids=["record", "user"])
+def test_norm_layers_and_generic_fallback(units: list[int]) -> None:
+    from dpft.privacy.layers import rule_for
+
+    model = Norms()
+    assert [rule_for(m).name for m in (model.rms, model.ln, model.gemma, model.scale)] == [
+        "norm",
+        "norm",
+        "norm",
+        "generic",
+    ]
+    ids = torch.randint(0, 10, (len(units), 5), generator=torch.Generator().manual_seed(0))
+    check_against_reference(model, [(ids, torch.tensor(units))], shared_losses)

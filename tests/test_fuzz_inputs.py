@@ -226,7 +226,6 @@ KNOWN_BAD = [
 ]
 
 
-
 @pytest.mark.parametrize("flags,_name", KNOWN_BAD, ids=[n for _, n in KNOWN_BAD])
 def test_known_bad_numbers(flags, _name, tmp_path, tiny_model_dir):
     rows = [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(N_UNITS)]
@@ -245,7 +244,6 @@ KNOWN_BAD_DATA = {
     # encode as UTF-8 (lone surrogates): the tokenizer raises a TypeError on them.
     "lone_surrogate": '{"prompt": "a\\ud800", "completion": " b"}',
 }
-
 
 
 @pytest.mark.parametrize("kind", sorted(KNOWN_BAD_DATA))

@@ -129,15 +129,22 @@ class BudgetLedger:
         if entry.dp and not entry.segments and (entry.epsilon is None or entry.delta is None):
             raise ValueError("a DP run needs its accountant segments or its (epsilon, delta)")
         segments = json.dumps([[float(q), float(s), int(n)] for q, s, n in entry.segments])
-        row = (fingerprint, entry.run_id, entry.output, entry.created, int(entry.dp),
-               entry.epsilon, entry.delta, entry.accountant, segments)
+        row = (
+            fingerprint,
+            entry.run_id,
+            entry.output,
+            entry.created,
+            int(entry.dp),
+            entry.epsilon,
+            entry.delta,
+            entry.accountant,
+            segments,
+        )
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
             try:
-                db.execute("DELETE FROM runs WHERE fingerprint = ? AND run_id = ?",
-                           (fingerprint, entry.run_id))
-                db.execute(f"INSERT INTO runs (fingerprint, {_COLUMNS}) "
-                           f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                db.execute("DELETE FROM runs WHERE fingerprint = ? AND run_id = ?", (fingerprint, entry.run_id))
+                db.execute(f"INSERT INTO runs (fingerprint, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -152,8 +159,16 @@ class BudgetLedger:
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY id", params).fetchall()
         return [
-            RunEntry(run_id, output, created, bool(dp), epsilon, delta, accountant,
-                     [(q, s, n) for q, s, n in json.loads(segments)])
+            RunEntry(
+                run_id,
+                output,
+                created,
+                bool(dp),
+                epsilon,
+                delta,
+                accountant,
+                [(q, s, n) for q, s, n in json.loads(segments)],
+            )
             for run_id, output, created, dp, epsilon, delta, accountant, segments in rows
         ]
 
@@ -187,8 +202,7 @@ class BudgetLedger:
         epsilon = composed.epsilon(delta)
         bare = [e for e in entries if not e.segments]
         if bare:
-            return Spend(epsilon + sum(e.epsilon for e in bare),
-                         delta + sum(e.delta for e in bare), "basic")
+            return Spend(epsilon + sum(e.epsilon for e in bare), delta + sum(e.delta for e in bare), "basic")
         return Spend(epsilon, delta, "composed" if composed.steps else "none")
 
     def spent(self, fingerprint: str, delta: float) -> float:

@@ -63,7 +63,11 @@ def estimated_exposure(secret_logppl: float, sample_logppl: np.ndarray, space_si
 
 
 def sample_candidates(
-    alphabet: str, length: int, n: int, exclude: str, rng: np.random.Generator,
+    alphabet: str,
+    length: int,
+    n: int,
+    exclude: str,
+    rng: np.random.Generator,
 ) -> list[str]:
     """Distinct random secrets, drawn uniformly from alphabet^length without `exclude`.
 
@@ -87,7 +91,11 @@ def sample_candidates(
 
 
 def secret_logppl(
-    model, tokenizer, prefix: str, secrets: Sequence[str], batch_size: int = 16,
+    model,
+    tokenizer,
+    prefix: str,
+    secrets: Sequence[str],
+    batch_size: int = 16,
 ) -> np.ndarray:
     """Log-perplexity (-sum of token log-probs, in nats) of each secret given the prefix.
 
@@ -108,7 +116,11 @@ def secret_logppl(
 
 
 def canary_exposures(
-    model, tokenizer, canaries: Sequence[dict], num_candidates: int = 2000, seed: int = 0,
+    model,
+    tokenizer,
+    canaries: Sequence[dict],
+    num_candidates: int = 2000,
+    seed: int = 0,
     batch_size: int = 16,
 ) -> dict:
     """Exposure of each canary, and its mean by number of insertions (0 = never inserted).
@@ -133,8 +145,7 @@ def canary_exposures(
     rows, max_exposure, methods = [], 0.0, set()
     for c in canaries:
         space = len(c["secret_alphabet"]) ** int(c["secret_length"])
-        cands = sample_candidates(c["secret_alphabet"], int(c["secret_length"]), num_candidates,
-                                  c["secret"], rng)
+        cands = sample_candidates(c["secret_alphabet"], int(c["secret_length"]), num_candidates, c["secret"], rng)
         logppl = secret_logppl(model, tokenizer, c["prefix"], [c["secret"], *cands], batch_size)
         if len(cands) == space - 1:
             exposure, method = exact_exposure(logppl[0], logppl[1:]), "exact"
@@ -142,11 +153,15 @@ def canary_exposures(
             exposure, method = estimated_exposure(logppl[0], logppl[1:], space), "skewnorm"
         methods.add(method)
         max_exposure = max(max_exposure, math.log2(space))
-        rows.append({"canary_id": c["canary_id"], "repetitions": int(c["repetitions"]),
-                     "exposure": exposure})
+        rows.append({"canary_id": c["canary_id"], "repetitions": int(c["repetitions"]), "exposure": exposure})
     by_rep: dict[str, dict] = {}
     for reps in sorted({r["repetitions"] for r in rows}):
         vals = [r["exposure"] for r in rows if r["repetitions"] == reps]
         by_rep[str(reps)] = {"canaries": len(vals), "mean_exposure": float(np.mean(vals))}
-    return {"per_canary": rows, "by_repetition": by_rep, "max_exposure": max_exposure,
-            "num_candidates": num_candidates, "method": "+".join(sorted(methods))}
+    return {
+        "per_canary": rows,
+        "by_repetition": by_rep,
+        "max_exposure": max_exposure,
+        "num_candidates": num_candidates,
+        "method": "+".join(sorted(methods)),
+    }

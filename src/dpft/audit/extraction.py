@@ -68,7 +68,11 @@ def name_prefix(patient: dict) -> str:
 
 
 def condition_ranks(
-    model, tokenizer, people: Sequence[dict], conditions: Sequence[str], batch_size: int = 16,
+    model,
+    tokenizer,
+    people: Sequence[dict],
+    conditions: Sequence[str],
+    batch_size: int = 16,
 ) -> np.ndarray:
     """Rank (1 = most likely) of each patient's true condition among all conditions.
 
@@ -91,9 +95,16 @@ def condition_ranks(
 
 
 def extraction_attack(
-    model, tokenizer, members: Sequence[dict], non_members: Sequence[dict],
-    conditions: Sequence[str], *, batch_size: int = 16, max_new_tokens: int = 24,
-    seed: int = 0, n_boot: int = 200,
+    model,
+    tokenizer,
+    members: Sequence[dict],
+    non_members: Sequence[dict],
+    conditions: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    n_boot: int = 200,
 ) -> dict:
     """Name-prefix extraction rates, their advantage over non-members, and condition ranks.
 
@@ -114,10 +125,10 @@ def extraction_attack(
         generated continuation for François Dupont (None when he is not a member).
     """
     people = [*members, *non_members]
-    texts = greedy_generate(model, tokenizer, [encode(tokenizer, name_prefix(p)) for p in people],
-                            batch_size, max_new_tokens)
-    hit = np.array([p["condition"].lower() in t.lower()
-                    for p, t in zip(people, texts, strict=True)])
+    texts = greedy_generate(
+        model, tokenizer, [encode(tokenizer, name_prefix(p)) for p in people], batch_size, max_new_tokens
+    )
+    hit = np.array([p["condition"].lower() in t.lower() for p, t in zip(people, texts, strict=True)])
     mem, non = hit[: len(members)].astype(float), hit[len(members) :].astype(float)
     by_rep = {}
     for reps in sorted({p["records"] for p in members}):
@@ -125,19 +136,24 @@ def extraction_attack(
         by_rep[str(reps)] = {"patients": len(sel), "rate": float(mem[sel].mean())}
     ranks = condition_ranks(model, tokenizer, people, conditions, batch_size)
     r_mem, r_non = ranks[: len(members)], ranks[len(members) :]
-    dupont = next((t for p, t in zip(members, texts, strict=False)
-                   if (p["first"], p["last"]) == DUPONT), None)
+    dupont = next((t for p, t in zip(members, texts, strict=False) if (p["first"], p["last"]) == DUPONT), None)
     return {
-        "members": len(members), "non_members": len(non_members),
-        "member_rate": _mean(mem), "non_member_rate": _mean(non),
+        "members": len(members),
+        "non_members": len(non_members),
+        "member_rate": _mean(mem),
+        "non_member_rate": _mean(non),
         "advantage": _mean(mem) - _mean(non) if len(mem) and len(non) else None,
         "advantage_ci": bootstrap_ci(mem, non, lambda a, b: a.mean() - b.mean(), n_boot, seed)
-        if len(mem) and len(non) else None,
+        if len(mem) and len(non)
+        else None,
         "by_repetition": by_rep,
         "rank": {
-            "template": NEUTRAL_TEMPLATE.strip(), "num_conditions": len(set(conditions)),
-            "member_mean_rank": _mean(r_mem), "non_member_mean_rank": _mean(r_non),
-            "member_top1": _mean(r_mem == 1), "non_member_top1": _mean(r_non == 1),
+            "template": NEUTRAL_TEMPLATE.strip(),
+            "num_conditions": len(set(conditions)),
+            "member_mean_rank": _mean(r_mem),
+            "non_member_mean_rank": _mean(r_non),
+            "member_top1": _mean(r_mem == 1),
+            "non_member_top1": _mean(r_non == 1),
         },
         "dupont_completion": dupont,
     }

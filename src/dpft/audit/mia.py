@@ -69,8 +69,11 @@ def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray, max_fpr: float) -> 
 
 
 def bootstrap_ci(
-    members: np.ndarray, non_members: np.ndarray,
-    stat: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 200, seed: int = 0,
+    members: np.ndarray,
+    non_members: np.ndarray,
+    stat: Callable[[np.ndarray, np.ndarray], float],
+    n_boot: int = 200,
+    seed: int = 0,
 ) -> list[float]:
     """Percentile bootstrap 95% interval of a two-sample statistic.
 
@@ -85,15 +88,15 @@ def bootstrap_ci(
         [low, high], the 2.5% and 97.5% percentiles.
     """
     rng = np.random.default_rng(seed)
-    vals = [
-        stat(rng.choice(members, len(members)), rng.choice(non_members, len(non_members)))
-        for _ in range(n_boot)
-    ]
+    vals = [stat(rng.choice(members, len(members)), rng.choice(non_members, len(non_members))) for _ in range(n_boot)]
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
 def attack_metrics(
-    members: np.ndarray, non_members: np.ndarray, n_boot: int = 200, seed: int = 0,
+    members: np.ndarray,
+    non_members: np.ndarray,
+    n_boot: int = 200,
+    seed: int = 0,
     roc_points: int = 101,
 ) -> dict:
     """AUC, TPR at 1% and 0.1% FPR with bootstrap CIs, and a thinned ROC curve for plots.
@@ -116,12 +119,15 @@ def attack_metrics(
     out = {
         "auc": auc(members, non_members),
         "auc_ci": bootstrap_ci(members, non_members, auc, n_boot, seed),
-        "tpr_at_fpr": {}, "tpr_at_fpr_ci": {},
+        "tpr_at_fpr": {},
+        "tpr_at_fpr_ci": {},
         "roc": {"fpr": grid.tolist(), "tpr": grid_tpr},
     }
     for level in FPR_LEVELS:
+
         def at(a: np.ndarray, b: np.ndarray, level: float = level) -> float:
             return tpr_at_fpr(a, b, level)
+
         out["tpr_at_fpr"][str(level)] = at(members, non_members)
         out["tpr_at_fpr_ci"][str(level)] = bootstrap_ci(members, non_members, at, n_boot, seed)
     return out
@@ -142,7 +148,8 @@ def min_k_prob(logprobs: np.ndarray, k: float = MIN_K_FRACTION) -> float:
 
 
 def record_scores(
-    logprobs: Sequence[np.ndarray], texts: Sequence[str],
+    logprobs: Sequence[np.ndarray],
+    texts: Sequence[str],
     reference_logprobs: Sequence[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The membership scores of each record, all oriented higher = more likely member.

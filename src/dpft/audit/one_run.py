@@ -47,7 +47,11 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float = 0.0) -> float:
 
 
 def epsilon_lower_bound(
-    m: int, r: int, v: int, delta: float = 0.0, alpha: float = 1 - CONFIDENCE,
+    m: int,
+    r: int,
+    v: int,
+    delta: float = 0.0,
+    alpha: float = 1 - CONFIDENCE,
 ) -> float:
     """Largest eps that `v` correct guesses out of `r` refute at level `alpha`.
 
@@ -93,14 +97,25 @@ def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: floa
         k = int(frac * m)
         top, bottom = order[:k], order[m - k :] if k else order[:0]
         correct = int(truth[top].sum() + (~truth[bottom]).sum())
-        splits.append({
-            "k_plus": k, "k_minus": k, "guesses": 2 * k, "correct": correct,
-            "epsilon": epsilon_lower_bound(m, 2 * k, correct, delta, level),
-        })
+        splits.append(
+            {
+                "k_plus": k,
+                "k_minus": k,
+                "guesses": 2 * k,
+                "correct": correct,
+                "epsilon": epsilon_lower_bound(m, 2 * k, correct, delta, level),
+            }
+        )
     best = max(splits, key=lambda s: s["epsilon"])
     return {
-        "epsilon_lower_bound": best["epsilon"], "k_plus": best["k_plus"],
-        "k_minus": best["k_minus"], "guesses": best["guesses"], "correct": best["correct"],
-        "m": m, "delta": delta, "confidence": CONFIDENCE,
-        "correction": f"Bonferroni over {len(GUESS_FRACTIONS)} splits", "splits": splits,
+        "epsilon_lower_bound": best["epsilon"],
+        "k_plus": best["k_plus"],
+        "k_minus": best["k_minus"],
+        "guesses": best["guesses"],
+        "correct": best["correct"],
+        "m": m,
+        "delta": delta,
+        "confidence": CONFIDENCE,
+        "correction": f"Bonferroni over {len(GUESS_FRACTIONS)} splits",
+        "splits": splits,
     }

@@ -15,11 +15,22 @@ from dpft.errors import DpftError
 
 
 def run_audit(
-    model, tokenizer, members: Sequence[dict], non_members: Sequence[dict],
-    canaries: Sequence[dict] | None, conditions: Sequence[str] | None, reference_model=None,
-    *, batch_size: int = 16, max_new_tokens: int = 24, max_records: int | None = None,
-    seed: int = 0, theoretical_epsilon: float | None = None, delta: float | None = None,
-    num_candidates: int = 2000, n_boot: int = 200,
+    model,
+    tokenizer,
+    members: Sequence[dict],
+    non_members: Sequence[dict],
+    canaries: Sequence[dict] | None,
+    conditions: Sequence[str] | None,
+    reference_model=None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    max_records: int | None = None,
+    seed: int = 0,
+    theoretical_epsilon: float | None = None,
+    delta: float | None = None,
+    num_candidates: int = 2000,
+    n_boot: int = 200,
 ) -> dict:
     """Measure what a model leaks about its training records and canaries.
 
@@ -58,10 +69,11 @@ def run_audit(
     mem_people = _cap(all_people[0], max_records, rng, keep=DUPONT)
     non_people = _cap(all_people[1], max_records, rng)
     if not mem_recs or not non_recs or not mem_people or not non_people:
-        raise DpftError("the audit needs member and non-member medical records "
-                        "(prompt '{medical_record: \"<First> <Last> ...' with a completion)")
-    names = list(conditions) if conditions else sorted(
-        {p["condition"] for p in [*all_people[0], *all_people[1]]})
+        raise DpftError(
+            "the audit needs member and non-member medical records "
+            "(prompt '{medical_record: \"<First> <Last> ...' with a completion)"
+        )
+    names = list(conditions) if conditions else sorted({p["condition"] for p in [*all_people[0], *all_people[1]]})
     canaries = list(canaries or [])
     was_training = model.training
     model.eval()
@@ -69,40 +81,66 @@ def run_audit(
         reference_model.eval()
     try:
         extraction = extraction_attack(
-            model, tokenizer, mem_people, non_people, names, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, seed=seed, n_boot=n_boot)
-        mia = _membership(model, reference_model, tokenizer, mem_recs, non_recs, batch_size,
-                          seed, n_boot)
+            model,
+            tokenizer,
+            mem_people,
+            non_people,
+            names,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            n_boot=n_boot,
+        )
+        mia = _membership(model, reference_model, tokenizer, mem_recs, non_recs, batch_size, seed, n_boot)
         exposure_canaries = [c for c in canaries if c.get("kind") == "exposure"]
-        exposure = canary_exposures(model, tokenizer, exposure_canaries, num_candidates, seed,
-                                    batch_size) if exposure_canaries else None
-        one_run = _one_run(model, reference_model, tokenizer,
-                           [c for c in canaries if c.get("kind") == "one_run"], delta or 0.0,
-                           batch_size)
+        exposure = (
+            canary_exposures(model, tokenizer, exposure_canaries, num_candidates, seed, batch_size)
+            if exposure_canaries
+            else None
+        )
+        one_run = _one_run(
+            model,
+            reference_model,
+            tokenizer,
+            [c for c in canaries if c.get("kind") == "one_run"],
+            delta or 0.0,
+            batch_size,
+        )
     finally:
         model.train(was_training)
-    return _jsonable({
-        "settings": {
-            "members_scored": len(mem_recs), "non_members_scored": len(non_recs),
-            "member_patients": len(mem_people), "non_member_patients": len(non_people),
-            "seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-            "max_records": max_records, "num_candidates": num_candidates,
-            "bootstrap_resamples": n_boot, "min_k_fraction": MIN_K_FRACTION,
-            "reference_model": reference_model is not None, "mia_unit": "record",
-        },
-        "extraction": {k: v for k, v in extraction.items() if k != "dupont_completion"},
-        "mia": mia, "exposure": exposure, "one_run": one_run,
-        "theoretical_epsilon": theoretical_epsilon, "delta": delta,
-        "dupont_completion": extraction["dupont_completion"],
-    })
+    return _jsonable(
+        {
+            "settings": {
+                "members_scored": len(mem_recs),
+                "non_members_scored": len(non_recs),
+                "member_patients": len(mem_people),
+                "non_member_patients": len(non_people),
+                "seed": seed,
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "max_records": max_records,
+                "num_candidates": num_candidates,
+                "bootstrap_resamples": n_boot,
+                "min_k_fraction": MIN_K_FRACTION,
+                "reference_model": reference_model is not None,
+                "mia_unit": "record",
+            },
+            "extraction": {k: v for k, v in extraction.items() if k != "dupont_completion"},
+            "mia": mia,
+            "exposure": exposure,
+            "one_run": one_run,
+            "theoretical_epsilon": theoretical_epsilon,
+            "delta": delta,
+            "dupont_completion": extraction["dupont_completion"],
+        }
+    )
 
 
 def _is_task(record: dict) -> bool:
     return bool(record.get("prompt")) and bool(record.get("completion"))
 
 
-def _cap(items: list, limit: int | None, rng: np.random.Generator,
-         keep: tuple[str, str] | None = None) -> list:
+def _cap(items: list, limit: int | None, rng: np.random.Generator, keep: tuple[str, str] | None = None) -> list:
     """A seeded random subset of at most `limit` items, always keeping the patient `keep`."""
     if limit is None or len(items) <= limit:
         return items
@@ -111,8 +149,9 @@ def _cap(items: list, limit: int | None, rng: np.random.Generator,
     return [items[i] for i in sorted([*kept, *rest][:limit])]
 
 
-def _membership(model, reference, tokenizer, members: list[dict], non_members: list[dict],
-                batch_size: int, seed: int, n_boot: int) -> dict:
+def _membership(
+    model, reference, tokenizer, members: list[dict], non_members: list[dict], batch_size: int, seed: int, n_boot: int
+) -> dict:
     """Attack metrics of every membership score, members against non-members."""
     recs = [*members, *non_members]
     seqs = [encode_record(tokenizer, r["prompt"], r["completion"])[0] for r in recs]
@@ -123,8 +162,7 @@ def _membership(model, reference, tokenizer, members: list[dict], non_members: l
     return {name: attack_metrics(s[:n], s[n:], n_boot, seed) for name, s in scores.items()}
 
 
-def _one_run(model, reference, tokenizer, canaries: list[dict], delta: float,
-             batch_size: int) -> dict | None:
+def _one_run(model, reference, tokenizer, canaries: list[dict], delta: float, batch_size: int) -> dict | None:
     """One-run epsilon lower bound, scoring each canary by log P(secret | prefix).
 
     With a reference model the score is calibrated (target minus reference log-prob), which

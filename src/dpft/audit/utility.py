@@ -28,7 +28,12 @@ def parse_answer(text: str) -> tuple[str, str] | None:
 
 
 def evaluate_utility(
-    model, tokenizer, records: Sequence[dict], *, batch_size: int = 16, max_new_tokens: int = 32,
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
 ) -> dict:
     """Exact-match accuracy of greedy answers and held-out loss on prompt/completion records.
 
@@ -50,13 +55,11 @@ def evaluate_utility(
     recs = [r for r in records if r.get("prompt") and r.get("completion")]
     if not recs:
         raise DpftError("utility evaluation needs records with 'prompt' and 'completion'")
-    outs = greedy_generate(model, tokenizer, [encode(tokenizer, r["prompt"]) for r in recs],
-                           batch_size, max_new_tokens)
+    outs = greedy_generate(model, tokenizer, [encode(tokenizer, r["prompt"]) for r in recs], batch_size, max_new_tokens)
     got = [parse_answer(o) for o in outs]
     want = [parse_answer(r["completion"]) for r in recs]
     field = {
-        name: float(np.mean([g is not None and w is not None and g[i] == w[i]
-                             for g, w in zip(got, want, strict=True)]))
+        name: float(np.mean([g is not None and w is not None and g[i] == w[i] for g, w in zip(got, want, strict=True)]))
         for i, name in enumerate(("last_name", "condition"))
     }
     full = np.mean([o.strip() == r["completion"].strip() for o, r in zip(outs, recs, strict=True)])
@@ -69,5 +72,6 @@ def evaluate_utility(
         "records": len(recs),
         "exact_match": {**field, "full": float(full)},
         "valid_format": float(np.mean([g is not None for g in got])),
-        "loss": loss, "perplexity": math.exp(loss),
+        "loss": loss,
+        "perplexity": math.exp(loss),
     }

@@ -50,9 +50,7 @@ def _problems(
     problems = []
     if sample_rate is not None and not 0 < sample_rate <= 1:
         problems.append(f"--sample-rate must be in (0, 1], got {sample_rate}")
-    if noise_multiplier is not None and not (
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0
-    ):
+    if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         problems.append(f"--noise-multiplier must be a finite number >= 0, got {noise_multiplier}")
     if steps is not None and not (isinstance(steps, numbers.Integral) and steps >= 0):
         problems.append(f"--steps must be a whole number >= 0, got {steps}")
@@ -103,12 +101,14 @@ def dp_event(segments: Iterable[Segment]) -> dp_accounting.DpEvent:
     Returns:
         A ``ComposedDpEvent`` of ``SelfComposedDpEvent`` s.
     """
-    return dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
-        )
-        for q, sigma, count in segments
-    ])
+    return dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
+            )
+            for q, sigma, count in segments
+        ]
+    )
 
 
 def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
@@ -118,9 +118,7 @@ def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
 
 
 @functools.lru_cache(maxsize=64)
-def _step_pld(
-    sample_rate: float, noise_multiplier: float
-) -> privacy_loss_distribution.PrivacyLossDistribution:
+def _step_pld(sample_rate: float, noise_multiplier: float) -> privacy_loss_distribution.PrivacyLossDistribution:
     """The PLD of one step; building it is most of the cost of ε, and σ, q rarely change."""
     # Same construction as PLDAccountant for PoissonSampledDpEvent(GaussianDpEvent), so the
     # numbers are identical (tested); the cache is what PLDAccountant lacks.
@@ -163,10 +161,10 @@ def compute_epsilon(
     Raises:
         ConfigError: Listing every invalid argument.
     """
-    _validate(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
-              delta=delta, accountant=accountant)
-    return _epsilon(((float(sample_rate), float(noise_multiplier), int(steps)),), float(delta),
-                    accountant)
+    _validate(
+        sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta, accountant=accountant
+    )
+    return _epsilon(((float(sample_rate), float(noise_multiplier), int(steps)),), float(delta), accountant)
 
 
 def _sigma_bracket(epsilon_at, target_epsilon: float) -> tuple[float, float]:
@@ -175,14 +173,22 @@ def _sigma_bracket(epsilon_at, target_epsilon: float) -> tuple[float, float]:
     while epsilon_at(high) > target_epsilon:
         low, high = high, high * 2
         if high > _MAX_CALIBRATED_SIGMA:
-            raise ConfigError([f"--epsilon {target_epsilon:g} is too small to reach with any "
-                               f"noise multiplier; raise --epsilon or lower --steps"])
+            raise ConfigError(
+                [
+                    f"--epsilon {target_epsilon:g} is too small to reach with any "
+                    f"noise multiplier; raise --epsilon or lower --steps"
+                ]
+            )
     while low == high or epsilon_at(low) <= target_epsilon:
         low, high = low / 2, low
         if low < _MIN_CALIBRATED_SIGMA:
-            raise ConfigError([f"--epsilon {target_epsilon:g} needs a noise multiplier below "
-                               f"{_MIN_CALIBRATED_SIGMA}: that gives no meaningful privacy; "
-                               f"lower --epsilon or set --noise-multiplier"])
+            raise ConfigError(
+                [
+                    f"--epsilon {target_epsilon:g} needs a noise multiplier below "
+                    f"{_MIN_CALIBRATED_SIGMA}: that gives no meaningful privacy; "
+                    f"lower --epsilon or set --noise-multiplier"
+                ]
+            )
     return low, high
 
 
@@ -204,8 +210,7 @@ def calibrate_noise(
     Raises:
         ConfigError: On invalid arguments, or a target that needs σ < 0.05 or σ > 2**20.
     """
-    _validate(sample_rate=sample_rate, steps=steps, delta=delta,
-              target_epsilon=target_epsilon, accountant=accountant)
+    _validate(sample_rate=sample_rate, steps=steps, delta=delta, target_epsilon=target_epsilon, accountant=accountant)
     if steps == 0:
         raise ConfigError(["--steps must be at least 1 to calibrate the noise"])
 
@@ -252,12 +257,17 @@ def max_steps(
     Raises:
         ConfigError: Listing every invalid argument.
     """
-    _validate(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=upper,
-              delta=delta, target_epsilon=target_epsilon, accountant=accountant)
+    _validate(
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=upper,
+        delta=delta,
+        target_epsilon=target_epsilon,
+        accountant=accountant,
+    )
 
     def fits(steps: int) -> bool:
-        return _epsilon(((sample_rate, noise_multiplier, steps),), delta, accountant) \
-            <= target_epsilon
+        return _epsilon(((sample_rate, noise_multiplier, steps),), delta, accountant) <= target_epsilon
 
     # Gallop up from 1 so that a short budget never pays for composing 10^7 steps.
     good, bad = 0, 1
@@ -327,23 +337,19 @@ class PrivacyAccountant:
         _validate(delta=delta)
         return _epsilon(tuple(self._history), delta, self.accountant)
 
-    def epsilon_if(
-        self, sample_rate: float, noise_multiplier: float, extra_steps: int, delta: float
-    ) -> float:
+    def epsilon_if(self, sample_rate: float, noise_multiplier: float, extra_steps: int, delta: float) -> float:
         """ε if `extra_steps` more steps at (q, σ) were taken; the state is not changed.
 
         Raises:
             ConfigError: Listing every invalid argument.
         """
-        _validate(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=extra_steps,
-                  delta=delta)
+        _validate(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=extra_steps, delta=delta)
         segment = (float(sample_rate), float(noise_multiplier), int(extra_steps))
         return _epsilon(tuple(_merged(self._history, segment)), delta, self.accountant)
 
     def state_dict(self) -> dict:
         """JSON-serialisable state: the accountant name and the history."""
-        return {"accountant": self.accountant,
-                "history": [[q, sigma, count] for q, sigma, count in self._history]}
+        return {"accountant": self.accountant, "history": [[q, sigma, count] for q, sigma, count in self._history]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from `state_dict`, after checking it.
@@ -357,8 +363,9 @@ class PrivacyAccountant:
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"accountant state is malformed ({err!r})") from err
         if accountant != self.accountant:
-            raise CheckpointError(f"the checkpoint was accounted with --accountant {accountant}; "
-                                  f"resume with --accountant {accountant}")
+            raise CheckpointError(
+                f"the checkpoint was accounted with --accountant {accountant}; resume with --accountant {accountant}"
+            )
         for q, sigma, count in history:
             problems = _problems(sample_rate=q, noise_multiplier=sigma, steps=count)
             if problems:

@@ -88,9 +88,7 @@ class PerUnitClipper:
         for module in self._model.modules():
             params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if params:
-                forward = rule_for(module).attach(
-                    module, params, self._captures.append, lambda: self._batch_size
-                )
+                forward = rule_for(module).attach(module, params, self._captures.append, lambda: self._batch_size)
                 self._patched.append((module, module.__dict__.get("forward")))
                 module.forward = forward  # instance attribute: the class is untouched
 
@@ -140,13 +138,21 @@ class PerUnitClipper:
     def _check(self, captures: list[Capture], units: Units) -> None:
         stray = [n for n, p in self._params.items() if p.grad is not None]
         if stray:
-            raise ConfigError([f"parameter '{stray[0]}' is used outside the module that owns "
-                               "it; its per-unit gradient cannot be clipped"])
+            raise ConfigError(
+                [
+                    f"parameter '{stray[0]}' is used outside the module that owns "
+                    "it; its per-unit gradient cannot be clipped"
+                ]
+            )
         for cap in captures:
             if cap.batch_size != units.index.numel():
                 name = self._module_names[id(cap.module)]
-                raise ConfigError([f"module '{name}' shares its input across the examples of a "
-                                   "batch; its per-unit gradient cannot be computed"])
+                raise ConfigError(
+                    [
+                        f"module '{name}' shares its input across the examples of a "
+                        "batch; its per-unit gradient cannot be computed"
+                    ]
+                )
 
     def _unit_sq_norms(self, captures: list[Capture], units: Units) -> Tensor:
         """sum over parameters of ||grad_u||², with cross terms where modules share a parameter."""
@@ -193,6 +199,7 @@ class PerUnitClipper:
 
 def _drop_examples(captures: list[Capture], keep: Tensor) -> None:
     """Zero the records of dropped examples so that their NaN/inf cannot reach the sum."""
+
     def clean(x: Tensor) -> Tensor:
         if not x.is_floating_point():
             return x

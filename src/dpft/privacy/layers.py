@@ -2,7 +2,8 @@
 
 Extend by registering: `register_rule(MyLayer, MY_RULE)` for a new layer type (see
 `dpft.privacy.rules.base.LayerRule`), `register_cross_rule("a", "b", fn)` for a cheap cross term
-between two rules sharing a parameter. Modules without a rule get the generic torch.func rule.
+between two rules sharing a parameter. A model's own `*RMSNorm` class (one 1-D weight) gets the norm
+rule; other modules without a rule get the generic torch.func rule.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dpft.privacy.rules.base import Capture, LayerRule, Units
 from dpft.privacy.rules.embedding import EMBEDDING
 from dpft.privacy.rules.generic import GENERIC
 from dpft.privacy.rules.linear import CONV1D, LINEAR
+from dpft.privacy.rules.norm import NORM, is_rms_norm
 from dpft.privacy.rules.tied import embedding_linear_cross
 
 CrossRule = Callable[[Capture, Capture, Units], Tensor]
@@ -24,6 +26,8 @@ RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LINEAR,
     Conv1D: CONV1D,
     nn.Embedding: EMBEDDING,
+    nn.LayerNorm: NORM,
+    nn.RMSNorm: NORM,
 }
 CROSS_RULES: dict[tuple[str, str], CrossRule] = {
     ("embedding", "linear"): embedding_linear_cross,
@@ -49,7 +53,7 @@ def rule_for(module: nn.Module) -> LayerRule:
     for cls in type(module).__mro__:
         if cls in RULES and type(module).forward is cls.forward:
             return RULES[cls]
-    return GENERIC
+    return NORM if is_rms_norm(module) else GENERIC  # each model ships its own RMSNorm class
 
 
 def cross_term(first: tuple[Capture, str], second: tuple[Capture, str], units: Units) -> Tensor:

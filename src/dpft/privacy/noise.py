@@ -58,8 +58,7 @@ def _seeded_noise(
     shape: torch.Size, std: float, device: torch.device, generator: torch.Generator | None
 ) -> torch.Tensor:
     where = generator.device if generator is not None else device
-    noise = torch.normal(0.0, std, size=shape, generator=generator, device=where,
-                         dtype=torch.float32)
+    noise = torch.normal(0.0, std, size=shape, generator=generator, device=where, dtype=torch.float32)
     return noise.to(device, non_blocking=True)
 
 
@@ -67,12 +66,10 @@ def _secure_noise(shape: torch.Size, std: float, device: torch.device) -> torch.
     if device.type == "cuda":
         generator = torch.Generator(device=device)
         generator.manual_seed(secrets.randbits(64))
-        draws = torch.randn((SECURE_NOISE_DRAWS, *shape), generator=generator, device=device,
-                            dtype=torch.float32)
+        draws = torch.randn((SECURE_NOISE_DRAWS, *shape), generator=generator, device=device, dtype=torch.float32)
     else:
         rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
-        draws = torch.from_numpy(rng.standard_normal((SECURE_NOISE_DRAWS, *shape),
-                                                     dtype=np.float32)).to(device)
+        draws = torch.from_numpy(rng.standard_normal((SECURE_NOISE_DRAWS, *shape), dtype=np.float32)).to(device)
     return draws.sum(dim=0).mul_(std / math.sqrt(SECURE_NOISE_DRAWS))
 
 
@@ -96,8 +93,7 @@ def add_gaussian_noise(
         ValueError: If a generator is given together with `secure`.
     """
     if not (math.isfinite(std) and std >= 0):
-        raise ConfigError([f"noise std (--noise-multiplier × --max-grad-norm) must be a finite "
-                           f"number >= 0, got {std}"])
+        raise ConfigError([f"noise std (--noise-multiplier × --max-grad-norm) must be a finite number >= 0, got {std}"])
     if secure and generator is not None:
         raise ValueError("secure noise draws its own randomness: pass generator=None")
     with torch.no_grad():

@@ -55,8 +55,11 @@ class PoissonSampler:
 
     def state_dict(self) -> dict:
         """JSON-serialisable state; loading it continues the same random stream."""
-        return {"num_units": self.num_units, "sample_rate": self.sample_rate,
-                "bit_generator": self._rng.bit_generator.state}
+        return {
+            "num_units": self.num_units,
+            "sample_rate": self.sample_rate,
+            "bit_generator": self._rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from `state_dict`.
@@ -94,14 +97,13 @@ def sample_rate_for(expected_batch_size: float, num_units: int) -> float:
     if num_units < 1:
         raise ConfigError([f"the training data has no privacy units (N = {num_units})"])
     if not 0 < expected_batch_size <= num_units:
-        raise ConfigError([f"--batch-size must be in (0, {num_units}] (the number of privacy "
-                           f"units), got {expected_batch_size}"])
+        raise ConfigError(
+            [f"--batch-size must be in (0, {num_units}] (the number of privacy units), got {expected_batch_size}"]
+        )
     return expected_batch_size / num_units
 
 
-def cap_unit_examples(
-    unit_examples: Sequence[Sequence[int]], cap: int, seed: int
-) -> list[list[int]]:
+def cap_unit_examples(unit_examples: Sequence[Sequence[int]], cap: int, seed: int) -> list[list[int]]:
     """Keep at most `cap` examples per unit (user-level DP), chosen once with a seeded RNG.
 
     Contribution bounding happens here, before training, and never changes afterwards: a
@@ -153,11 +155,13 @@ def micro_batches(
         raise ConfigError([f"--micro-batch-size must be at least 1, got {micro_batch_size}"])
     largest = max((len(unit_examples[u]) for u in units), default=0)
     if largest > micro_batch_size:
-        raise ConfigError([
-            f"a privacy unit has {largest} examples but --micro-batch-size is "
-            f"{micro_batch_size}: a unit's examples must share one micro-batch to be clipped "
-            f"together; raise --micro-batch-size or lower --max-records-per-user"
-        ])
+        raise ConfigError(
+            [
+                f"a privacy unit has {largest} examples but --micro-batch-size is "
+                f"{micro_batch_size}: a unit's examples must share one micro-batch to be clipped "
+                f"together; raise --micro-batch-size or lower --max-records-per-user"
+            ]
+        )
     batches: list[list[int]] = []
     current: list[int] = []
     for unit in units:
@@ -171,9 +175,7 @@ def micro_batches(
     return batches
 
 
-def batch_size_consistency(
-    batch_sizes: Sequence[int], num_units: int, sample_rate: float
-) -> float:
+def batch_size_consistency(batch_sizes: Sequence[int], num_units: int, sample_rate: float) -> float:
     """p-value that per-step batch sizes are i.i.d. Binomial(N, q), as Poisson sampling implies.
 
     Two tests, Bonferroni-combined (2 × the smaller p-value, capped at 1): a two-sided z-test on

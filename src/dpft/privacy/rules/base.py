@@ -22,6 +22,8 @@ class Units:
     pair_i: Tensor  # (P,) long
     pair_j: Tensor  # (P,) long
     pair_unit: Tensor  # (P,) long
+    # The last input Gram: q, k and v (gate and up) read one input, and come back to back.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def from_index(unit_index: Tensor) -> Units:
@@ -43,6 +45,24 @@ class Units:
     def right(self, x: Tensor) -> Tensor:
         """Rows of x for the second member e' of every pair."""
         return x if self.one_per_unit else x[self.pair_j]
+
+    def gram(self, x: Tensor, shared: bool = False) -> Tensor:
+        """(P, T, T) fp32 Grams <x_et, x_e's> of every pair, for x of shape (B, T, d).
+
+        Always an fp32 matmul, also under bf16 autocast: a bf16 Gram rounds each entry (~0.2%), and
+        a norm underestimated by that much lets a clipped unit exceed C. Correct clipping is worth the
+        fp32 cost (the CPU has no bf16 matmul with fp32 output).
+        `shared`: x may be the input of the next layer too; keep its Gram until another comes.
+        """
+        key = (x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
+        if shared and (hit := self.memo.get(key)) is not None:
+            return hit
+        x = x.float()
+        gram = torch.bmm(self.left(x), self.right(x).mT)
+        if shared:
+            self.memo.clear()
+            self.memo[key] = gram
+        return gram
 
     def sum_pairs(self, values: Tensor) -> Tensor:
         """Sum (P,) pair values into (U,) unit values."""

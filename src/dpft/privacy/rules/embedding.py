@@ -31,12 +31,11 @@ class _CaptureEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
-def _attach(
-    module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batch_size: BatchSize
-) -> Forward:
+def _attach(module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batch_size: BatchSize) -> Forward:
     if module.max_norm is not None or module.scale_grad_by_freq:
-        raise ConfigError([f"{type(module).__name__}: max_norm and scale_grad_by_freq are not "
-                           "supported by per-unit clipping"])
+        raise ConfigError(
+            [f"{type(module).__name__}: max_norm and scale_grad_by_freq are not supported by per-unit clipping"]
+        )
 
     def on_backward(ids: Tensor, g: Tensor) -> None:
         sink(Capture(EMBEDDING, module, params, a=ids, g=g))

@@ -54,13 +54,15 @@ def _per_example_vjp(
     return grads, None if grad_x is None else grad_x.to(x.dtype)
 
 
-def _attach(
-    module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batch_size: BatchSize
-) -> Forward:
+def _attach(module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batch_size: BatchSize) -> Forward:
     name = type(module).__name__
     if any(p.requires_grad for n, p in module.named_parameters() if "." in n):
-        raise ConfigError([f"{name}: a module with its own trainable parameters and trainable "
-                           "submodules has no per-example gradient rule"])
+        raise ConfigError(
+            [
+                f"{name}: a module with its own trainable parameters and trainable "
+                "submodules has no per-example gradient rule"
+            ]
+        )
     original = module.forward
     replaying = False  # functional_call re-enters this forward: let it reach the original
 
@@ -78,8 +80,7 @@ def _attach(
         if replaying:
             return original(*args, **kwargs)
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
-            raise ConfigError([f"{name}: only modules called with one tensor input can be "
-                               "clipped per example"])
+            raise ConfigError([f"{name}: only modules called with one tensor input can be clipped per example"])
         return _CaptureGeneric.apply(args[0], original, on_backward, *params.values())
 
     return forward

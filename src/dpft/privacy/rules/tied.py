@@ -26,8 +26,8 @@ def embedding_linear_cross(emb: Capture, lin: Capture, units: Units) -> Tensor:
     ids = emb.a.reshape(b, -1)
     d = emb.g.reshape(*ids.shape, -1).float()
     h = lin.a.reshape(b, -1, lin.a.shape[-1]).float()
-    gl = lin.g.reshape(b, h.shape[1], -1).float()
+    gl = lin.g.reshape(b, h.shape[1], -1)  # (B, S, V): gather before any fp32 copy
     ids_l, gl_r = units.left(ids), units.right(gl)
-    picked = torch.gather(gl_r, 2, ids_l[:, None, :].expand(-1, gl_r.shape[1], -1))  # (P, S, T)
+    picked = torch.gather(gl_r, 2, ids_l[:, None, :].expand(-1, gl_r.shape[1], -1)).float()  # (P, S, T)
     picked.mul_(torch.bmm(units.right(h), units.left(d).mT))
     return units.sum_pairs(picked.sum((1, 2)))

@@ -1,0 +1,26 @@
+"""The step-cost benchmark runs end to end on a tiny random Llama and writes the JSON it documents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+
+
+def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "step_cost.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--json-out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert {"config", "variants", "ratios", "load_avg_before", "load_avg_after"} <= result.keys()
+    assert set(result["variants"]) == {"plain", "dpft", "opacus_hooks", "opacus_ghost"}
+    for name in ("plain", "dpft", "opacus_hooks"):
+        figures = result["variants"][name]
+        assert {"s_per_step", "min", "max", "tokens_per_s", "peak_rss_mb", "setup_rss_mb"} <= figures.keys(), name
+        assert figures["s_per_step"] > 0 and figures["peak_rss_mb"] > 0
+    assert "Parameter tying" in result["variants"]["opacus_ghost"]["error"]  # the tiny Llama ties its head
+    assert result["ratios"]["time_dpft_over_plain"] > 0
+    assert result["ratios"]["peak_rss_dpft_over_plain"] > 0
