@@ -25,16 +25,17 @@ from dpft.models.embedded import EMBEDDED_NAME
 class DemoOptions:
     output: str = "demo-out"
     model: str = EMBEDDED_NAME
-    patients: int = 160
-    epochs: float = 4.0
+    patients: int = 140
+    epochs: float = 3.0
     epsilon: float = 8.0
     delta: float = 1e-5
     seed: int = 0
-    batch_size: int = 32
-    audit_records: int = 120
+    batch_size: int = 16  # non-private: a plain fine-tune's small batches
+    dp_batch_size: int = 32  # DP: larger batches raise the signal-to-noise ratio of each step
+    audit_records: int = 60
     quiet: bool = False
     canaries_per_repetition: int = 2
-    one_run_canaries: int = 200
+    one_run_canaries: int = 100
     exposure_candidates: int = 500
 
 
@@ -55,10 +56,10 @@ def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConf
         lora_targets="all-linear",
         bf16=True,
         max_length=96,
-        batch_size=o.batch_size,
+        batch_size=o.dp_batch_size if dp else o.batch_size,
         micro_batch_size=16,
         epochs=o.epochs,
-        lr=5e-3 if dp else 2e-3,
+        lr=1e-2 if dp else 2e-3,
         seed=o.seed,
         checkpoint_every=0,
         quiet=o.quiet,
@@ -108,9 +109,11 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
 
 def _notes(o: DemoOptions) -> list[str]:
     return [
-        f"Both models: {o.model}, LoRA r=16 on all linear layers, bf16 autocast, {o.epochs:g} epochs, "
-        f"expected batch {o.batch_size} patients, loss on ALL tokens of each record (the record text is a "
-        "training target, which is what lets a plain fine-tune memorise it). Only clipping and noise differ.",
+        f"Both models: {o.model}, LoRA r=16 on all linear layers, bf16 autocast, {o.epochs:g} epochs, Poisson "
+        "sampling of patients, loss on ALL tokens of each record (the record text is a training target, which "
+        "is what lets a plain fine-tune memorise it).",
+        f"Non-private: expected batch {o.batch_size} patients, lr 2e-3. DP: expected batch {o.dp_batch_size} "
+        "patients, lr 1e-2 (DP-SGD wants larger batches and steps), clipping and noise.",
         f"DP model: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (all records of a person, "
         "up to 16); non-private model: same loop and Poisson sampling, no clipping, no noise.",
         f"Synthetic data: {o.patients} patients (seed {o.seed}), split by patient; the audit scores up to "

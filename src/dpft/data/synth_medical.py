@@ -13,8 +13,10 @@ rare condition (pancreatic cancer) and 8 records, is always a training patient. 
 split train/holdout, so members and non-members share one format and an audit can prompt
 with `{medical_record: "<First> <Last>` and check whether the true condition follows.
 
-Canaries are `text` records `{medical_record: "<First> <Last> was admitted under patient ID
-<6 digits>"}` (every token is a target), each with its own user_id:
+Canaries are `text` records `{patient_registry: "<First> <Last> holds patient ID <6 digits>"}`
+(every token is a target), each with its own user_id. Their opening differs from the patient
+records', so the hundreds of canaries do not teach the model to continue every
+`{medical_record: "<Name>` prompt with a canary sentence (which would blind the extraction attack):
 - exposure canaries (Carlini et al. 2019), inserted 0 (reference), 1, 2, 4, 8 or 16 times;
 - one-run canaries (Steinke, Nasr & Jagielski 2023), each inserted once with probability ½.
 """
@@ -267,7 +269,7 @@ def _canaries(rng: random.Random, names: _NameSource, options: dict, first_index
                 canary_id=f"{kind}-{i:04d}",
                 kind=kind,
                 user_id=f"P{first_index + i:05d}",
-                prefix=f'{{medical_record: "{first} {last} was admitted under patient ID ',
+                prefix=f'{{patient_registry: "{first} {last} holds patient ID ',
                 secret=f"{secret:0{SECRET_LENGTH}d}",
                 repetitions=count,
             )
