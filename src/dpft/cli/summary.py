@@ -50,4 +50,4 @@ def _exposure(m: dict, reps: str) -> Any:
     if not isinstance(by_rep, dict):
         return None
     entry = by_rep.get(reps)
-    return entry.get("mean") if isinstance(entry, dict) else entry
+    return entry.get("mean_exposure") if isinstance(entry, dict) else entry
