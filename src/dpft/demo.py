@@ -27,6 +27,7 @@ class DemoOptions:
     model: str = EMBEDDED_NAME
     patients: int = 140
     epochs: float = 3.0
+    loss_on: str = "all"  # "completion": the record text is context only, never a target
     epsilon: float = 8.0
     delta: float = 1e-5
     seed: int = 0
@@ -50,7 +51,7 @@ def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConf
         delta=o.delta,
         privacy_unit="user",
         max_records_per_user=16,
-        loss_on="all",
+        loss_on=o.loss_on,
         lora_r=16,
         lora_alpha=32,
         lora_targets="all-linear",
@@ -110,8 +111,14 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
 def _notes(o: DemoOptions) -> list[str]:
     return [
         f"Both models: {o.model}, LoRA r=16 on all linear layers, bf16 autocast, {o.epochs:g} epochs, Poisson "
-        "sampling of patients, loss on ALL tokens of each record (the record text is a training target, which "
-        "is what lets a plain fine-tune memorise it).",
+        "sampling of patients, "
+        + (
+            "loss on ALL tokens of each record (the record text is a training target, which is what lets a "
+            "plain fine-tune memorise it)."
+            if o.loss_on == "all"
+            else "loss on the completion only (the record text is context, never a target; canaries are text "
+            "records, learned whole)."
+        ),
         f"Non-private: expected batch {o.batch_size} patients, lr 2e-3. DP: expected batch {o.dp_batch_size} "
         "patients, lr 1e-2 (DP-SGD wants larger batches and steps), clipping and noise.",
         f"DP model: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (all records of a person, "

@@ -15,13 +15,18 @@ def demo(
     model: str = typer.Option(_D.model, "--model", help="Model id or path; default: the embedded SmolLM2-135M."),
     patients: int = typer.Option(_D.patients, "--patients", help="Synthetic patients (train and holdout)."),
     epochs: float = typer.Option(_D.epochs, "--epochs", help="Training epochs of both models."),
+    loss_on: str = typer.Option(_D.loss_on, "--loss-on", help="'all' (the record text is a target) or 'completion'."),
     epsilon: float = typer.Option(_D.epsilon, "--epsilon", help="Target ε of the DP model (patient-level)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seed of data, sampling and noise."),
 ) -> None:
     """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
     from dpft.demo import run_demo
 
-    run_demo(DemoOptions(output=output, model=model, patients=patients, epochs=epochs, epsilon=epsilon, seed=seed))
+    run_demo(
+        DemoOptions(
+            output=output, model=model, patients=patients, epochs=epochs, loss_on=loss_on, epsilon=epsilon, seed=seed
+        )
+    )
 
 
 def register(app: typer.Typer) -> None:
