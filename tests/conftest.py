@@ -86,3 +86,12 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def _private_ledger(tmp_path, monkeypatch):
     """Every test gets its own budget ledger: tests never touch the user's ~/.cache/dpft."""
     monkeypatch.setenv("DPFT_LEDGER", str(tmp_path / "ledger.sqlite"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: torch's thread pool only adds contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

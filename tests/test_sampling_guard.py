@@ -13,21 +13,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import dpft
 from dpft.privacy.accounting import compute_epsilon
 from dpft.privacy.sampling import PoissonSampler
 from dpft.training.report import SAMPLING_P_MIN
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: torch's thread pool only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 N, BATCH, STEPS = 40, 8, 100
