@@ -90,14 +90,14 @@ def _hook_ckpt_latest(n: int) -> None:
     """Die in the n-th checkpoint write after its folder is renamed in, before `latest` moves."""
     from dpft.training import checkpoint
 
-    real, hit = checkpoint._write_atomic, _nth(n)
+    real, hit = checkpoint.write_text_atomic, _nth(n)
 
     def write_atomic(path, text):
         if hit():
             _die()
         real(path, text)
 
-    checkpoint._write_atomic = write_atomic
+    checkpoint.write_text_atomic = write_atomic
 
 
 def _hook_save_model(n: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dpft.atomic_write import write_text_atomic
 from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
 
@@ -94,7 +95,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write atomically: a torn config.yaml would let a resume run with other settings."""
+        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpft.atomic_write import fsync_file, write_text_atomic
 from dpft.errors import CheckpointError
 
 FILES = ("weights.safetensors", "optimizer.pt", "state.json")
@@ -39,14 +40,14 @@ def save_checkpoint(
         manifest = {name: _sha256(tmp / name) for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for name in (*FILES, "manifest.json"):
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / "latest", final.name)
+    write_text_atomic(root / "latest", final.name)
     _prune(root, keep=final.name)
     return final
 
@@ -83,18 +84,6 @@ def _prune(root: Path, keep: str) -> None:
     for entry in root.iterdir():
         if entry.is_dir() and entry.name != keep:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _sha256(path: Path) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -84,8 +83,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if c.resume:
         state = _restore(s, trainable, optimizer, sampler, noise_gen)
     accountant = PrivacyAccountant(c.accountant)
-    for q, sigma, count in journal.segments(s.sample_rate, s.noise_multiplier or 0.0):
-        if s.noise_multiplier is not None:
+    if s.noise_multiplier is not None:  # the journal holds every step that touched the data
+        for q, sigma, count in journal.segments(s.sample_rate, s.noise_multiplier):
             accountant.step(q, sigma, count)
 
     progress = Progress(s.planned_steps, c.epsilon if not c.no_dp else None, quiet=c.quiet)
@@ -152,9 +151,7 @@ def setup(config: TrainConfig) -> Setup:
     if not config.resume:
         budget.check(config, planned_segments)  # before anything is written
         paths = create_run_dir(config.output)
-        tmp = paths.config.with_name(".config.yaml.tmp")  # atomic: a torn config.yaml would resume other settings
-        config.save(tmp)
-        os.replace(tmp, paths.config)
+        config.save(paths.config)
         budget.record(config, paths.root, planned_segments)
     model = (
         loaded.model if config.full else with_lora(loaded.model, config.lora_r, config.lora_alpha, config.lora_targets)
@@ -232,8 +229,8 @@ def _checkpoint(s: Setup, trainable, optimizer, sampler, noise_gen, state: dict)
     state = dict(
         state,
         sampler=sampler.state_dict(),
-        torch_rng=_rng_to_list(torch.get_rng_state()),
-        noise_rng=_rng_to_list(noise_gen.get_state()) if noise_gen is not None else None,
+        torch_rng=torch.get_rng_state().tolist(),
+        noise_rng=noise_gen.get_state().tolist() if noise_gen is not None else None,
     )
     ckpt.save_checkpoint(s.paths.checkpoints, state["step"], dict(trainable), optimizer.state_dict(), state)
 
@@ -273,7 +270,3 @@ def config_hash(c: TrainConfig) -> str:
     """Identity of a run's settings; a checkpoint from other settings is refused."""
     d = {k: v for k, v in c.to_dict().items() if k not in ("resume", "quiet")}
     return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()
-
-
-def _rng_to_list(t: torch.Tensor) -> list[int]:
-    return t.tolist()

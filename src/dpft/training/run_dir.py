@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpft.atomic_write import write_text_atomic
 from dpft.errors import DpftError
 
 MODEL_META = "dpft-model.json"
@@ -73,7 +73,7 @@ def truncate_metrics(paths: RunPaths, last_step: int) -> None:
     if not paths.metrics.is_file():
         return
     rows = [r for r in paths.metrics.read_text().splitlines() if _row_step(r) <= last_step]
-    _write_atomic(paths.metrics, "".join(r + "\n" for r in rows))
+    write_text_atomic(paths.metrics, "".join(r + "\n" for r in rows))
 
 
 def save_model(paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, base_model: str) -> None:
@@ -85,11 +85,11 @@ def save_model(paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, ba
 
 
 def write_privacy(paths: RunPaths, report: dict[str, Any]) -> None:
-    _write_atomic(paths.privacy, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths.privacy, json.dumps(report, indent=2) + "\n")
 
 
 def write_model_card(paths: RunPaths, report: dict[str, Any], base_model: str) -> None:
-    _write_atomic(paths.card, model_card(report, base_model))
+    write_text_atomic(paths.card, model_card(report, base_model))
 
 
 def model_card(p: dict[str, Any], base_model: str) -> str:
@@ -132,9 +132,3 @@ def _row_step(raw: str) -> int:
         return int(json.loads(raw)["step"])
     except (ValueError, KeyError, TypeError):
         return 1 << 62  # a torn line: drop it
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
