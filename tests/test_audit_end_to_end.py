@@ -201,3 +201,15 @@ def test_shared_head_scoring_equals_full_sequences():
     cached = shared_head_logprobs(model, head, tails, batch_size=3)
     full = continuation_logprob(model, [head] * len(tails), tails, batch_size=2)
     assert cached == pytest.approx(full, rel=1e-4, abs=1e-4)
+
+
+def test_single_suffix_items_score_like_shared_head_items(tok):
+    """Single-suffix items are batched as whole sequences; they must score as the cached path does."""
+    from dpft.audit.scoring import suffix_logprobs
+
+    model = tiny_llama()
+    contexts = ["the id is ", "a longer context whose id is ", "x "]
+    singles = suffix_logprobs(model, tok, [(c, ["123"]) for c in contexts], batch_size=2)
+    pairs = suffix_logprobs(model, tok, [(c, ["123", "9"]) for c in contexts], batch_size=2)
+    assert [s[0] for s in singles] == pytest.approx([p[0] for p in pairs], rel=1e-4, abs=1e-4)
+    assert suffix_logprobs(model, tok, [("x ", [])])[0].size == 0

@@ -77,6 +77,14 @@ def test_dp_run_writes_the_contract(tmp_path, tiny_model_dir):
     assert loaded.model(**loaded.tokenizer("record 1", return_tensors="pt")).logits.ndim == 3
 
 
+def test_lr_schedule_is_applied_and_logged(tmp_path, tiny_model_dir):
+    data = write_records(tmp_path / "d.jsonl")
+    opts = base_options(tiny_model_dir, no_dp=True, lr_schedule="linear", warmup_steps=2)
+    dpft.train(str(data), str(tmp_path / "run"), **opts)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
+
+
 def test_user_level_units(tmp_path, tiny_model_dir):
     data = write_records(tmp_path / "d.jsonl", n=40, users=10)
     report = dpft.train(

@@ -74,7 +74,9 @@ class TrainConfig:
     micro_batch_size: int = _opt(8, "Examples per forward/backward pass (memory cap); does not change the privacy.")
     epochs: float = _opt(3.0, "Planned epochs (steps = epochs × units / batch_size).")
     max_steps: int | None = _opt(None, "Planned steps; wins over --epochs when given.")
-    lr: float = _opt(5e-3, "AdamW learning rate.")
+    lr: float = _opt(5e-3, "AdamW learning rate (the peak, with a schedule).")
+    lr_schedule: str = _opt("constant", "Learning-rate schedule: constant, linear or cosine (decay to 0).")
+    warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     seed: int = _opt(0, "Seed for sampling, noise (unless --secure-noise) and initialisation.")
     # Operations.
@@ -129,6 +131,7 @@ def _check_choices(c: TrainConfig) -> list[str]:
         "--loss-on": (c.loss_on, ("completion", "all")),
         "--accountant": (c.accountant, ("pld", "rdp")),
         "--privacy-unit": (c.privacy_unit, ("record", "user")),
+        "--lr-schedule": (c.lr_schedule, ("constant", "linear", "cosine")),
     }
     return [
         f"{flag} must be one of {', '.join(ok)} (got {value!r})"
@@ -152,6 +155,8 @@ def _check_numbers(c: TrainConfig) -> list[str]:
         out.append(f"--epochs must be > 0 (got {c.epochs})")
     if c.max_steps is not None and c.max_steps <= 0:
         out.append(f"--max-steps must be > 0 (got {c.max_steps})")
+    if c.warmup_steps < 0:
+        out.append(f"--warmup-steps must be >= 0 (got {c.warmup_steps})")
     if c.checkpoint_every < 0:
         out.append(f"--checkpoint-every must be >= 0 (got {c.checkpoint_every})")
     if not (0 <= c.weight_decay < math.inf):

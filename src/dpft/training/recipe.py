@@ -47,6 +47,7 @@ from dpft.training.run_dir import (
     write_model_card,
     write_privacy,
 )
+from dpft.training.schedule import lr_at
 
 NO_LIMIT = 1 << 62
 
@@ -97,9 +98,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 stop_reason = f"stopped at the privacy budget: one more step would exceed ε = {c.epsilon}"
                 break
             t0 = time.perf_counter()
+            lr = lr_at(step, s.planned_steps, c.lr, c.lr_schedule, c.warmup_steps)
             journal.record(step + 1, s.sample_rate, s.noise_multiplier)  # before touching the data
             touched += 1
-            batch_size, n_examples, loss = _step(s, accumulator, optimizer, sampler, noise_gen, params)
+            batch_size, n_examples, loss = _step(s, lr, accumulator, optimizer, sampler, noise_gen, params)
             if s.noise_multiplier is not None:
                 accountant.step(s.sample_rate, s.noise_multiplier)
             eps = accountant.epsilon(c.delta) if s.noise_multiplier is not None else None
@@ -108,6 +110,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             row = {
                 "step": step + 1,
                 "loss": loss,
+                "lr": lr,
                 "epsilon": eps,
                 "batch_size": batch_size,
                 "examples": n_examples,
@@ -197,9 +200,11 @@ def _plan_noise(c: TrainConfig, q: float, steps: int, n_units: int) -> tuple[flo
     return sigma, max_steps(q, sigma, c.delta, c.epsilon, c.accountant, upper=max(steps, 1) * 4)
 
 
-def _step(s: Setup, accumulator, optimizer, sampler, noise_gen, params) -> tuple[int, int, float]:
-    """One logical step: Poisson batch → micro-batches → clipped sum → noise → normalise → update."""
+def _step(s: Setup, lr: float, accumulator, optimizer, sampler, noise_gen, params) -> tuple[int, int, float]:
+    """One logical step at rate `lr`: Poisson batch → micro-batches → clipped sum → noise → normalise → update."""
     c = s.config
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     units = sampler.sample()
     losses = []
     for mb in micro_batches(units, s.unit_examples, c.micro_batch_size):
