@@ -18,6 +18,7 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
         model=tiny_model_dir,
         patients=16,
         epochs=1,
+        dp_epochs=1,
         batch_size=6,
         dp_batch_size=6,
         audit_records=8,

@@ -145,6 +145,10 @@ MODELS = {
     "gpt-neox": tiny_neox,
     "lora-qv": lambda: lora(["q_proj", "v_proj"]),
     "lora-all-linear": lambda: lora("all-linear"),
+    "lora-last-layer": lambda: get_peft_model(
+        tiny_llama(),
+        LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1], init_lora_weights=False),
+    ),
 }
 RECORDS = [0, 1, 2, 3, 4, 5]
 USERS = [0, 0, 1, 2, 2, 2]

@@ -174,3 +174,18 @@ def test_tampered_checkpoint_is_refused(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(recipe, "_step", crash)
     with pytest.raises(CheckpointError, match="checksum"):
         dpft.train("", "", resume=str(run), quiet=True)
+
+
+def test_lora_layers_adapts_only_the_last_blocks(tmp_path, tiny_model_dir):
+    from conftest import tiny_gpt2, tiny_llama
+    from dpft.models.loading import with_lora
+
+    for model in (tiny_llama(), tiny_gpt2()):
+        adapted = with_lora(model, 4, 8, "all-linear", last_layers=1)
+        names = [n for n, p in adapted.named_parameters() if p.requires_grad]
+        assert names and all(".1." in n for n in names), names
+    with pytest.raises(DpftError, match="between 1 and 2"):
+        with_lora(tiny_llama(), 4, 8, "all-linear", last_layers=3)
+    data = write_records(tmp_path / "d.jsonl")
+    report = dpft.train(str(data), str(tmp_path / "run"), **base_options(tiny_model_dir, lora_layers=1))
+    assert report["steps"] == 6

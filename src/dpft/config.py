@@ -37,6 +37,9 @@ class TrainConfig:
     lora_r: int = _opt(8, "LoRA rank.")
     lora_alpha: float = _opt(16.0, "LoRA scaling alpha.")
     lora_targets: str = _opt("q_proj,v_proj", "Comma-separated module names for LoRA, or 'all-linear'.")
+    lora_layers: int | None = _opt(
+        None, "Adapt only the last N transformer blocks (backward stops below them: faster); default all."
+    )
     dtype: str = _opt("fp32", "Weight dtype: fp32 or bf16.")
     bf16: bool = _opt(False, "bf16 autocast for matmuls (CPU with bf16 support); norms, clipping and noise stay fp32.")
     # Data encoding.
@@ -155,6 +158,8 @@ def _check_numbers(c: TrainConfig) -> list[str]:
         out.append(f"--epochs must be > 0 (got {c.epochs})")
     if c.max_steps is not None and c.max_steps <= 0:
         out.append(f"--max-steps must be > 0 (got {c.max_steps})")
+    if c.lora_layers is not None and c.lora_layers < 1:
+        out.append(f"--lora-layers must be >= 1 (got {c.lora_layers})")
     if c.warmup_steps < 0:
         out.append(f"--warmup-steps must be >= 0 (got {c.warmup_steps})")
     if c.checkpoint_every < 0:

@@ -25,14 +25,22 @@ from dpft.models.embedded import EMBEDDED_NAME
 class DemoOptions:
     output: str = "demo-out"
     model: str = EMBEDDED_NAME
-    patients: int = 140
-    epochs: float = 3.0
+    patients: int = 400
+    records_per_patient: tuple[int, ...] = (1, 2, 4)  # François Dupont always has 8
     loss_on: str = "all"  # "completion": the record text is context only, never a target
     epsilon: float = 8.0
     delta: float = 1e-5
     seed: int = 0
-    batch_size: int = 16  # non-private: a plain fine-tune's small batches
-    dp_batch_size: int = 32  # DP: larger batches raise the signal-to-noise ratio of each step
+    # Non-private: a plain fine-tune, small batches of records.
+    epochs: float = 2.0
+    batch_size: int = 16
+    lr: float = 2e-3
+    # DP: patient-level units, each contributing at most dp_records_per_patient records; large
+    # batches and a high, decaying rate, as DP-SGD wants (the noise is spread over the batch).
+    dp_epochs: float = 4.0
+    dp_batch_size: int = 64
+    dp_lr: float = 1e-2
+    dp_records_per_patient: int = 2
     audit_records: int = 60
     quiet: bool = False
     canaries_per_repetition: int = 2
@@ -41,29 +49,36 @@ class DemoOptions:
 
 
 def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConfig:
-    """One training setting for both models; only clipping and noise differ."""
-    return TrainConfig(
+    """The two fine-tunes share the model, adapters, data and loss; they differ in what DP-SGD needs."""
+    shared = dict(
         data=str(data / "train.jsonl"),
         model=o.model,
         output=str(output),
-        no_dp=not dp,
-        epsilon=o.epsilon if dp else None,
         delta=o.delta,
-        privacy_unit="user",
-        max_records_per_user=16,
         loss_on=o.loss_on,
         lora_r=16,
         lora_alpha=32,
         lora_targets="all-linear",
         bf16=True,
         max_length=96,
-        batch_size=o.dp_batch_size if dp else o.batch_size,
         micro_batch_size=16,
-        epochs=o.epochs,
-        lr=1e-2 if dp else 2e-3,
+        lr_schedule="linear",
         seed=o.seed,
         checkpoint_every=0,
         quiet=o.quiet,
+    )
+    if not dp:
+        return TrainConfig(
+            **shared, no_dp=True, epsilon=None, privacy_unit="record", batch_size=o.batch_size, epochs=o.epochs, lr=o.lr
+        )
+    return TrainConfig(
+        **shared,
+        epsilon=o.epsilon,
+        privacy_unit="user",
+        max_records_per_user=o.dp_records_per_patient,
+        batch_size=o.dp_batch_size,
+        epochs=o.dp_epochs,
+        lr=o.dp_lr,
     )
 
 
@@ -83,6 +98,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
         data,
         patients=o.patients,
         seed=o.seed,
+        records_per_patient=o.records_per_patient,
         canaries_per_repetition=o.canaries_per_repetition,
         one_run_canaries=o.one_run_canaries,
     )
@@ -109,22 +125,24 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
 
 
 def _notes(o: DemoOptions) -> list[str]:
+    loss = (
+        "loss on ALL tokens of each record (the record text is a training target, which is what lets a "
+        "plain fine-tune memorise it)."
+        if o.loss_on == "all"
+        else "loss on the completion only (the record text is context, never a target; canaries are text "
+        "records, learned whole)."
+    )
     return [
-        f"Both models: {o.model}, LoRA r=16 on all linear layers, bf16 autocast, {o.epochs:g} epochs, Poisson "
-        "sampling of patients, "
-        + (
-            "loss on ALL tokens of each record (the record text is a training target, which is what lets a "
-            "plain fine-tune memorise it)."
-            if o.loss_on == "all"
-            else "loss on the completion only (the record text is context, never a target; canaries are text "
-            "records, learned whole)."
-        ),
-        f"Non-private: expected batch {o.batch_size} patients, lr 2e-3. DP: expected batch {o.dp_batch_size} "
-        "patients, lr 1e-2 (DP-SGD wants larger batches and steps), clipping and noise.",
-        f"DP model: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (all records of a person, "
-        "up to 16); non-private model: same loop and Poisson sampling, no clipping, no noise.",
-        f"Synthetic data: {o.patients} patients (seed {o.seed}), split by patient; the audit scores up to "
-        f"{o.audit_records} patients and records on each side, {o.exposure_candidates} random candidates per canary.",
+        f"Both models: {o.model}, LoRA r=16 on all linear layers, bf16 autocast, Poisson sampling, linear "
+        f"learning-rate decay, {loss}",
+        f"Non-private: a plain fine-tune, {o.epochs:g} epochs over all records, expected batch {o.batch_size} "
+        f"records, lr {o.lr:g}; no clipping, no noise.",
+        f"DP: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (at most {o.dp_records_per_patient} "
+        f"records of each person, chosen once, clipped together); {o.dp_epochs:g} epochs, expected batch "
+        f"{o.dp_batch_size} patients, lr {o.dp_lr:g} (DP-SGD wants large batches and a high rate).",
+        f"Synthetic data: {o.patients} patients (seed {o.seed}) with {'/'.join(map(str, o.records_per_patient))} "
+        f"records each, split by patient; the audit scores up to {o.audit_records} patients and records on each "
+        f"side, {o.exposure_candidates} random candidates per canary.",
     ]
 
 
@@ -162,7 +180,7 @@ def _assess(o: DemoOptions, run: Path, privacy: dict, members, holdout, canaries
 
 def _claim_output(out: Path, o: DemoOptions) -> None:
     """Runs in `out` are reused on a re-run, so they must come from the same settings."""
-    settings = {k: v for k, v in asdict(o).items() if k not in ("output", "quiet")}
+    settings = json.loads(json.dumps({k: v for k, v in asdict(o).items() if k not in ("output", "quiet")}))
     path = out / "demo.json"
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise DpftError(f"--output {out}: holds a demo run with other settings; choose another --output")

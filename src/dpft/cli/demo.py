@@ -14,7 +14,8 @@ def demo(
     output: str = typer.Option(_D.output, "--output", help="Folder for data, both runs, audits and report.html."),
     model: str = typer.Option(_D.model, "--model", help="Model id or path; default: the embedded SmolLM2-135M."),
     patients: int = typer.Option(_D.patients, "--patients", help="Synthetic patients (train and holdout)."),
-    epochs: float = typer.Option(_D.epochs, "--epochs", help="Training epochs of both models."),
+    epochs: float = typer.Option(_D.epochs, "--epochs", help="Training epochs of the non-private model."),
+    dp_epochs: float = typer.Option(_D.dp_epochs, "--dp-epochs", help="Training epochs of the DP model."),
     loss_on: str = typer.Option(_D.loss_on, "--loss-on", help="'all' (the record text is a target) or 'completion'."),
     epsilon: float = typer.Option(_D.epsilon, "--epsilon", help="Target ε of the DP model (patient-level)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seed of data, sampling and noise."),
@@ -24,7 +25,14 @@ def demo(
 
     run_demo(
         DemoOptions(
-            output=output, model=model, patients=patients, epochs=epochs, loss_on=loss_on, epsilon=epsilon, seed=seed
+            output=output,
+            model=model,
+            patients=patients,
+            epochs=epochs,
+            dp_epochs=dp_epochs,
+            loss_on=loss_on,
+            epsilon=epsilon,
+            seed=seed,
         )
     )
 

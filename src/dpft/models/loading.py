@@ -47,20 +47,66 @@ def load_base_model(name: str = EMBEDDED_NAME, dtype: str = "fp32") -> LoadedMod
     return LoadedModel(model, tokenizer, name)
 
 
-def with_lora(model: torch.nn.Module, r: int, alpha: float, targets: str, dropout: float = 0.0):
+def with_lora(
+    model: torch.nn.Module,
+    r: int,
+    alpha: float,
+    targets: str,
+    dropout: float = 0.0,
+    last_layers: int | None = None,
+):
     """Freeze the base model and add trainable LoRA adapters (peft).
 
     Args:
         targets: comma-separated module names (e.g. "q_proj,v_proj") or "all-linear".
+        last_layers: adapt only the last N transformer blocks. Nothing below them needs a
+            gradient, so the backward pass stops there (top half of SmolLM2: steps ~1.4x faster).
     """
     from peft import LoraConfig, get_peft_model
 
     modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+    layers = None
+    if last_layers is not None:
+        total = _num_blocks(model)
+        if not 1 <= last_layers <= total:
+            raise DpftError(f"--lora-layers must be between 1 and {total} (the model's blocks), not {last_layers}")
+        layers = list(range(total - last_layers, total))
+        if modules == "all-linear":  # peft takes a layer subset only with explicit module names
+            modules = _block_linear_names(model)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as err:
         raise DpftError(f"--lora-targets {targets}: {_first_line(err)}") from None
+
+
+def _num_blocks(model: torch.nn.Module) -> int:
+    config = model.config
+    total = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not total:
+        raise DpftError("--lora-layers: the model's config names no number of layers")
+    return int(total)
+
+
+def _block_linear_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the linear layers inside the transformer blocks (what "all-linear" adapts)."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
+        }
+    )
 
 
 def load_run_model(run_dir: str | Path, dtype: str = "fp32") -> LoadedModel:

@@ -157,7 +157,11 @@ def setup(config: TrainConfig) -> Setup:
         config.save(paths.config)
         budget.record(config, paths.root, planned_segments)
     model = (
-        loaded.model if config.full else with_lora(loaded.model, config.lora_r, config.lora_alpha, config.lora_targets)
+        loaded.model
+        if config.full
+        else with_lora(
+            loaded.model, config.lora_r, config.lora_alpha, config.lora_targets, last_layers=config.lora_layers
+        )
     )
     if config.full:
         model.requires_grad_(True)
