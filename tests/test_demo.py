@@ -19,6 +19,7 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
         patients=16,
         epochs=1,
         dp_epochs=1,
+        lora_layers=1,
         batch_size=6,
         dp_batch_size=6,
         audit_records=8,

@@ -101,6 +101,10 @@ def test_report_is_self_contained_with_every_section(report):
         assert img.shape[0] > 50 and img.shape[1] > 50
 
 
+def test_report_states_the_utility_ratio(report):
+    assert "DP / non-private: 1</p>" in report.read_text(encoding="utf-8")  # both 0.88 in the fixture
+
+
 def test_report_escapes_text_and_shows_dupont_only_in_generations(report):
     page = report.read_text(encoding="utf-8")
     assert EVIL not in page and "&lt;script&gt;" in page

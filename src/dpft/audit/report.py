@@ -165,12 +165,19 @@ def _utility(models: dict) -> str:
         ]
         for name, m in models.items()
     ]
+    full = {name: _get(m, "utility", "exact_match", "full") for name, m in models.items()}
+    ratio = (
+        f"<p>Full-answer exact match, DP / non-private: {_fmt(full['dp'] / full['non-private'])}</p>"
+        if full.get("dp") is not None and full.get("non-private")
+        else ""
+    )
     return _section(
         "utility",
         "Task utility (held-out records)",
         _table(
             ["model", "last name", "condition", "full answer", "valid format", "loss", "perplexity", "records"], rows
         ),
+        ratio,
     )
 
 

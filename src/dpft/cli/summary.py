@@ -33,9 +33,10 @@ def print_summary(models: dict[str, dict]) -> None:
         ("full-answer exact match", lambda m: _fmt(_get(m, "utility", "exact_match", "full"), pct=True)),
         ("extraction: members", lambda m: _fmt(_get(m, "audit", "extraction", "member_rate"), pct=True)),
         ("extraction: non-members", lambda m: _fmt(_get(m, "audit", "extraction", "non_member_rate"), pct=True)),
-        ("extraction advantage", lambda m: _fmt(_get(m, "audit", "extraction", "advantage"))),
+        ("extraction advantage [95% CI]", _advantage),
         ("MIA AUC (loss)", lambda m: _fmt(_get(m, "audit", "mia", "loss", "auc"))),
         ("MIA AUC (reference)", lambda m: _fmt(_get(m, "audit", "mia", "reference", "auc"))),
+        ("canary exposure, 8 reps", lambda m: _fmt(_exposure(m, "8"))),
         ("canary exposure, 16 reps", lambda m: _fmt(_exposure(m, "16"))),
         ("canary exposure, never inserted", lambda m: _fmt(_exposure(m, "0"))),
         ("empirical ε lower bound", lambda m: _fmt(_get(m, "audit", "one_run", "epsilon_lower_bound"))),
@@ -43,6 +44,11 @@ def print_summary(models: dict[str, dict]) -> None:
     for label, cell in rows:
         table.add_row(label, *(cell(m) for m in models.values()))
     Console().print(table)
+
+
+def _advantage(m: dict) -> str:
+    adv, ci = _get(m, "audit", "extraction", "advantage"), _get(m, "audit", "extraction", "advantage_ci")
+    return _fmt(adv) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def _exposure(m: dict, reps: str) -> Any:
