@@ -36,7 +36,7 @@ class DemoOptions:
     # Non-private: a plain fine-tune, small batches of records.
     epochs: float = 3.0
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 1e-2
     # DP: patient-level units, each contributing at most dp_records_per_patient records; large
     # batches and a high, decaying rate, as DP-SGD wants (the noise is spread over the batch).
     dp_epochs: float = 7.0
