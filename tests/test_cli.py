@@ -101,3 +101,15 @@ def test_yaml_config_with_flag_override(tmp_path):
     res = runner.invoke(app, ["train", "--config", str(tmp_path / "c.yaml"), "--delta", "3"])
     assert res.exit_code == 2
     assert "--epsilon" in res.stderr and "--delta" in res.stderr  # YAML value and flag both checked
+
+
+def test_synth_medical_takes_record_counts_and_canaries(tmp_path):
+    out = tmp_path / "med"
+    args = ["data", "synth-medical", "--output", str(out), "--patients", "20", "--one-run-canaries", "4"]
+    res = runner.invoke(app, [*args, "--records-per-patient", "1,2", "--canaries-per-repetition", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["records_per_patient"] == [1, 2]
+    assert manifest["options"]["canaries_per_repetition"] == 1
+    bad = runner.invoke(app, [*args, "--records-per-patient", "1,x"])
+    assert bad.exit_code == 2 and "--records-per-patient" in bad.output and "Traceback" not in bad.output

@@ -43,12 +43,12 @@ class DemoOptions:
     dp_batch_size: int = 64
     dp_lr: float = 1e-2
     dp_records_per_patient: int = 1
-    audit_records: int = 60
+    audit_records: int = 80
     utility_records: int = 120
     quiet: bool = False
     canaries_per_repetition: int = 2
     one_run_canaries: int = 100
-    exposure_candidates: int = 500
+    exposure_candidates: int = 300
 
 
 def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConfig:

@@ -20,15 +20,34 @@ def synth_medical_cmd(
     holdout_fraction: float = typer.Option(
         0.2, "--holdout-fraction", help="Share of patients held out (whole patients)."
     ),
+    records_per_patient: str = typer.Option(
+        "1,2,4,8", "--records-per-patient", help="Comma-separated record counts; each patient draws one."
+    ),
+    canaries_per_repetition: int = typer.Option(
+        5, "--canaries-per-repetition", help="Exposure canaries per repetition count (1, 2, 4, 8, 16, never)."
+    ),
     one_run_canaries: int = typer.Option(
         200, "--one-run-canaries", help="Canaries inserted with probability ½ (one-run audit)."
     ),
 ) -> None:
     """The seed's task: medical records → {last_name, condition}; split by patient; canaries."""
     from dpft.data import synth_medical
+    from dpft.errors import ConfigError
 
+    try:
+        counts = tuple(int(x) for x in records_per_patient.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(
+            [f"--records-per-patient must be comma-separated integers, e.g. 1,2,4 (got {records_per_patient!r})"]
+        ) from None
     manifest = synth_medical(
-        output, patients=patients, seed=seed, holdout_fraction=holdout_fraction, one_run_canaries=one_run_canaries
+        output,
+        patients=patients,
+        seed=seed,
+        holdout_fraction=holdout_fraction,
+        records_per_patient=counts,
+        canaries_per_repetition=canaries_per_repetition,
+        one_run_canaries=one_run_canaries,
     )
     splits = manifest["splits"]
     print(f"{splits['train']['records']} training and {splits['holdout']['records']} held-out records → {output}")
