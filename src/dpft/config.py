@@ -18,6 +18,7 @@ import yaml
 from dpft.atomic_write import write_text_atomic
 from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
+from dpft.training.schedule import SCHEDULES
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -134,7 +135,7 @@ def _check_choices(c: TrainConfig) -> list[str]:
         "--loss-on": (c.loss_on, ("completion", "all")),
         "--accountant": (c.accountant, ("pld", "rdp")),
         "--privacy-unit": (c.privacy_unit, ("record", "user")),
-        "--lr-schedule": (c.lr_schedule, ("constant", "linear", "cosine")),
+        "--lr-schedule": (c.lr_schedule, SCHEDULES),
     }
     return [
         f"{flag} must be one of {', '.join(ok)} (got {value!r})"

@@ -139,12 +139,10 @@ def _notes(o: DemoOptions) -> list[str]:
         else "loss on the completion only (the record text is context, never a target; canaries are text "
         "records, learned whole)."
     )
+    blocks = f"the last {o.lora_layers} blocks" if o.lora_layers else "every block"
     return [
-        f"Both models: {o.model}, LoRA r=16 on all linear layers of "
-        + (f"the last {o.lora_layers} blocks" if o.lora_layers else "every block")
-        + ", bf16 autocast, "
-        "Poisson sampling, linear "
-        f"learning-rate decay, {loss}",
+        f"Both models: {o.model}, LoRA r=16 on all linear layers of {blocks}, bf16 autocast, Poisson sampling, "
+        f"linear learning-rate decay, {loss}",
         f"Non-private: a plain fine-tune, {o.epochs:g} epochs over all records, expected batch {o.batch_size} "
         f"records, lr {o.lr:g}; no clipping, no noise.",
         f"DP: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (each person, patient or canary owner, "
