@@ -117,11 +117,12 @@ def _losses(model: nn.Module, ids: Tensor, labels: Tensor, args: argparse.Namesp
     return example_losses(logits, labels)
 
 
-def _finish(params: list[nn.Parameter], opt: torch.optim.Optimizer, batch: int, noise: bool) -> None:
+def _finish(acc, params: list[nn.Parameter], opt: torch.optim.Optimizer, batch: int, noise: bool) -> None:
+    sums = list(acc.take_sums().values())
     if noise:
-        add_gaussian_noise([p.grad for p in params], SIGMA * CLIP, None)
-    for p in params:
-        p.grad.div_(batch)
+        add_gaussian_noise(sums, SIGMA * CLIP, None)
+    for p, total in zip(params, sums, strict=True):
+        p.grad = total.div_(batch).to(p.dtype)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -136,8 +137,7 @@ def make_variant(name: str, model: nn.Module, opt: torch.optim.Optimizer, batch,
 
         def step() -> None:
             acc.backward(_losses(model, ids, labels, args), units)
-            acc.write_grads()
-            _finish(params, opt, args.batch, noise=name == "dpft")
+            _finish(acc, params, opt, args.batch, noise=name == "dpft")
 
         return Variant(step, acc.remove)
     return _opacus_variant(name, model, opt, ids, labels, args)
@@ -260,8 +260,7 @@ def logical_batch_child(model: nn.Module, opt, args: argparse.Namespace, setup: 
     for i in range(args.logical_batch // args.batch):
         ids, labels = make_batch(model, args, seed=i)
         clipper.backward(_losses(model, ids, labels, args), torch.arange(args.batch))
-    clipper.write_grads()
-    _finish(params, opt, args.logical_batch, noise=True)
+    _finish(clipper, params, opt, args.logical_batch, noise=True)
     return {
         "peak_rss_mb": rss_mb(),
         "setup_rss_mb": setup,

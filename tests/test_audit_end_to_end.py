@@ -11,11 +11,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_llama
 from dpft.audit import evaluate_utility, run_audit
 from dpft.audit.exposure import canary_exposures
 from dpft.audit.scoring import encode, encode_record, greedy_generate, token_logprobs
 from dpft.errors import DpftError
+from helpers import tiny_llama
 
 CONDITIONS = ["gout", "asthma", "flu", "acne"]
 
@@ -192,8 +192,8 @@ def test_max_records_caps_scoring_but_keeps_dupont(tok):
 
 def test_shared_head_scoring_equals_full_sequences():
     """The KV-cached candidate scorer must give exactly the full-sequence log-probabilities."""
-    from conftest import tiny_llama
     from dpft.audit.scoring import continuation_logprob, shared_head_logprobs
+    from helpers import tiny_llama
 
     model = tiny_llama()
     head = [5, 9, 17, 33, 2, 40]

@@ -12,10 +12,10 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import VOCAB, tiny_gpt2, tiny_llama
 from dpft.errors import ConfigError
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator, make_accumulator
 from dpft.privacy.rules import linear
+from helpers import VOCAB, tiny_gpt2, tiny_llama, trainable, write_grads
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # ids, attention_mask, labels, unit_index
 SMALL = dict(
@@ -72,10 +72,6 @@ def example_losses(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) 
 LossFn = Callable[..., Tensor]
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def reference_unit_grads(
     model: nn.Module, batches: list[tuple[Tensor, ...]], loss: LossFn = example_losses
 ) -> list[dict[str, Tensor]]:
@@ -114,7 +110,7 @@ def run_engine(
 ) -> tuple[dict, Tensor]:
     clipper = PerUnitClipper(model, c)
     norms = [clipper.backward(loss(model, *b[:-1]), b[-1]) for b in batches]
-    clipper.write_grads()
+    write_grads(clipper, model)
     grads = {n: p.grad.float().clone() for n, p in trainable(model).items()}
     clipper.remove()
     return grads, torch.cat(norms)
@@ -198,7 +194,7 @@ def test_bf16_weights_write_bf16_grads() -> None:
     want_norms = torch.stack([norm_of(g) for g in unit_grads])
     clipper = PerUnitClipper(model, float(want_norms.median()))
     norms = clipper.backward(example_losses(model, *batch[:3]), batch[3])
-    clipper.write_grads()
+    write_grads(clipper, model)
     assert norms.dtype == torch.float32
     torch.testing.assert_close(norms, want_norms, rtol=3e-2, atol=0)
     assert all(p.grad.dtype == torch.bfloat16 for p in trainable(model).values())
@@ -209,19 +205,19 @@ def test_no_autograd_weight_grads_before_write() -> None:
     clipper = PerUnitClipper(model, 1.0)
     clipper.backward(example_losses(model, *batch[:3]), batch[3])
     assert all(p.grad is None for p in trainable(model).values())
-    clipper.write_grads()
+    write_grads(clipper, model)
     assert all(p.grad is not None and not p.grad.requires_grad for p in trainable(model).values())
 
 
 def test_empty_step_writes_zeros_and_write_resets() -> None:
     model, batch = tiny_llama(tie=True), make_batch(RECORDS)
     clipper = PerUnitClipper(model, 1.0)
-    clipper.write_grads()
+    write_grads(clipper, model)
     assert all(not p.grad.any() for p in trainable(model).values())
     clipper.backward(example_losses(model, *batch[:3]), batch[3])
-    clipper.write_grads()
+    write_grads(clipper, model)
     assert any(p.grad.any() for p in trainable(model).values())
-    clipper.write_grads()  # the accumulators were reset by the previous write
+    write_grads(clipper, model)  # the accumulators were reset by the previous write
     assert all(not p.grad.any() for p in trainable(model).values())
 
 
@@ -246,7 +242,7 @@ def test_nonfinite_unit_is_dropped() -> None:
     clipper = PerUnitClipper(model, 1.0)
     losses = example_losses(model, *batch[:3])
     norms = clipper.backward(losses * torch.tensor([1, 1, math.nan, 1, 1, 1]), batch[3])
-    clipper.write_grads()
+    write_grads(clipper, model)
     got = {n: p.grad.clone() for n, p in trainable(model).items()}
     clipper.remove()
     assert norms[2].isnan() and norms[[0, 1, 3, 4, 5]].isfinite().all()
@@ -338,7 +334,7 @@ def test_bf16_autocast_keeps_norms_sums_and_grads_fp32() -> None:
     norms = clipper.backward(losses, batch[3])
     assert norms.dtype == torch.float32
     assert clipper._sums and all(s.dtype == torch.float32 for s in clipper._sums.values())
-    clipper.write_grads()
+    write_grads(clipper, model)
     clipper.remove()
     assert all(p.grad.dtype == torch.float32 for p in trainable(model).values())
 
@@ -369,7 +365,7 @@ def test_memory_is_flat_in_the_logical_batch() -> None:
     n_params = sum(p.numel() for p in trainable(model).values())
     assert set(held) == {(0, len(trainable(model)), n_params)}
     assert tensors[1] <= tensors[0]
-    clipper.write_grads()
+    write_grads(clipper, model)
     assert held_by(clipper) == (0, 0, 0)
     clipper.remove()
 

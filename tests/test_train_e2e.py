@@ -177,8 +177,8 @@ def test_tampered_checkpoint_is_refused(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_lora_layers_adapts_only_the_last_blocks(tmp_path, tiny_model_dir):
-    from conftest import tiny_gpt2, tiny_llama
     from dpft.models.loading import with_lora
+    from helpers import tiny_gpt2, tiny_llama
 
     for model in (tiny_llama(), tiny_gpt2()):
         adapted = with_lora(model, 4, 8, "all-linear", last_layers=1)

@@ -19,6 +19,7 @@ import functools
 import math
 import numbers
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import dp_accounting
 from dp_accounting import mechanism_calibration
@@ -34,7 +35,14 @@ PLD_DISCRETIZATION = 5e-4
 _MIN_CALIBRATED_SIGMA = 0.05
 _MAX_CALIBRATED_SIGMA = 2.0**20
 
-Segment = tuple[float, float, int]
+
+
+class Segment(NamedTuple):
+    """`steps` consecutive Poisson-sampled Gaussian steps at rate q and noise multiplier σ."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
 
 
 def _problems(
@@ -165,6 +173,25 @@ def compute_epsilon(
         sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta, accountant=accountant
     )
     return _epsilon(((float(sample_rate), float(noise_multiplier), int(steps)),), float(delta), accountant)
+
+
+def epsilon_of(segments: Iterable[Segment], delta: float, accountant: str = "pld") -> float:
+    """ε at δ of the composition of `segments`, in order: the one function every ε comes from.
+
+    Args:
+        segments: (q, σ, steps) segments, e.g. a run's privacy journal.
+        delta: Target δ, in (0, 1).
+        accountant: "pld" or "rdp".
+
+    Raises:
+        ConfigError: Listing every invalid argument.
+    """
+    history: list[Segment] = []
+    for q, sigma, steps in segments:
+        _validate(sample_rate=q, noise_multiplier=sigma, steps=steps)
+        history = _merged(history, Segment(float(q), float(sigma), int(steps)))
+    _validate(delta=delta, accountant=accountant)
+    return _epsilon(tuple(history), float(delta), accountant)
 
 
 def _sigma_bracket(epsilon_at, target_epsilon: float) -> tuple[float, float]:

@@ -3,7 +3,8 @@
 Each trainable module's forward is replaced by one whose backward records what its rule needs
 (input activations and output gradients) instead of forming weight gradients. After the backward:
 per-unit norms over all parameters (tied ones included) -> clip factors -> the clipped sum, one
-matmul per layer, accumulated in fp32 until `write_grads`. Noise and scaling happen elsewhere.
+matmul per layer, accumulated in fp32 until `take_sums`. Noise and scaling happen in `privacy/step.py`,
+on the fp32 sums: nothing is rounded to the weights' dtype before the noise is added.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class GradAccumulator(Protocol):
     """What the training loop needs: one backward per micro-batch, then grads per logical step."""
 
     def backward(self, example_losses: Tensor, unit_index: Tensor) -> Tensor: ...
-    def write_grads(self) -> None: ...
+    def take_sums(self) -> dict[str, Tensor]: ...
     def remove(self) -> None: ...
 
 
@@ -177,11 +178,13 @@ class PerUnitClipper:
                 else:
                     self._sums[key] = clipped
 
-    def write_grads(self) -> None:
-        """Put the accumulated clipped sum into p.grad (p's dtype; zeros if nothing) and reset."""
-        for name, p in self._params.items():
-            total = self._sums.pop(name, None)
-            p.grad = torch.zeros_like(p) if total is None else total.to(p.dtype)
+    def take_sums(self) -> dict[str, Tensor]:
+        """The step's clipped sums, fp32, by parameter name (zeros where nothing was added); resets."""
+        sums = {name: self._sums.pop(name, None) for name in self._params}
+        return {
+            name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) if sums[name] is None else sums[name]
+            for name, p in self._params.items()
+        }
 
     def remove(self) -> None:
         """Restore every patched forward and drop the hook and any accumulated state."""
@@ -232,12 +235,14 @@ class PlainAccumulator:
         example_losses.sum().backward()
         return torch.full((units.count,), math.nan, device=example_losses.device)
 
-    def write_grads(self) -> None:
-        """Leave the summed gradients in p.grad (zeros where none) and start a new step."""
-        for p in self._params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    def take_sums(self) -> dict[str, Tensor]:
+        """The step's summed gradients, fp32, by parameter name (zeros where none); starts a new step."""
+        sums = {}
+        for name, p in self._params.items():
+            sums[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if p.grad is None else p.grad.float()
+            p.grad = None
         self._fresh = True
+        return sums
 
     def remove(self) -> None:
         """Nothing is attached to the model; present so both accumulators read the same."""

@@ -220,13 +220,11 @@ def _step(s: Setup, lr: float, accumulator, optimizer, sampler, noise_gen, param
         per_example = example_losses(logits, batch["labels"])
         accumulator.backward(per_example, unit_index)
         losses.append(per_example.detach())
-    accumulator.write_grads()
+    sums = list(accumulator.take_sums().values())
     if s.noise_multiplier is not None:
-        add_gaussian_noise(
-            [p.grad for p in params], s.noise_multiplier * c.max_grad_norm, noise_gen, secure=c.secure_noise
-        )
-    for p in params:  # divide by the EXPECTED batch size: the actual size is private
-        p.grad.div_(c.batch_size)
+        add_gaussian_noise(sums, s.noise_multiplier * c.max_grad_norm, noise_gen, secure=c.secure_noise)
+    for p, total in zip(params, sums, strict=True):  # divide by the EXPECTED batch size: the actual size is private
+        p.grad = total.div_(c.batch_size).to(p.dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n_examples = sum(len(s.unit_examples[u]) for u in units)
