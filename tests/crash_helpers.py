@@ -45,7 +45,7 @@ def _hook_step(n: int) -> None:
     """Die right after the n-th step's noisy update (the step touched the data; no metrics row yet)."""
     from dpft.training import recipe
 
-    real, hit = recipe._step, _nth(n)
+    real, hit = recipe._train_step, _nth(n)
 
     def step(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -53,21 +53,21 @@ def _hook_step(n: int) -> None:
             _die()
         return out
 
-    recipe._step = step
+    recipe._train_step = step
 
 
 def _hook_noise(n: int) -> None:
     """Die after the n-th step's noise is drawn, before its optimizer update."""
-    from dpft.training import recipe
+    from dpft.privacy import step
 
-    real, hit = recipe.add_gaussian_noise, _nth(n)
+    real, hit = step.add_gaussian_noise, _nth(n)
 
     def noise(*args, **kwargs):
         real(*args, **kwargs)
         if hit():
             _die()
 
-    recipe.add_gaussian_noise = noise
+    step.add_gaussian_noise = noise
 
 
 def _hook_ckpt_file(n: int) -> None:
@@ -115,10 +115,14 @@ def _hook_privacy(n: int) -> None:
     """Die just before privacy.json is written (everything else of the finished run is there)."""
     from dpft.training import recipe
 
-    def write_privacy(*args, **kwargs):
-        _die()
+    real = recipe.write_json
 
-    recipe.write_privacy = write_privacy
+    def write_json(path, content):
+        if path.name == "privacy.json":
+            _die()
+        real(path, content)
+
+    recipe.write_json = write_json
 
 
 def _hook_card(n: int) -> None:

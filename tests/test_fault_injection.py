@@ -112,9 +112,9 @@ def train_argv(tmp: Path, model: str, run: Path, epsilon: float | None = None, s
 
 def snapshot(run: Path) -> dict:
     """What a crash left: journal lines, metric rows, the latest checkpoint's step."""
-    latest = run / "checkpoints" / "latest"
+    latest = run / "private" / "checkpoints" / "latest"
     return {
-        "journal": _lines(run / "privacy-journal.jsonl"),
+        "journal": _lines(run / "private" / "journal.jsonl"),
         "metrics": _lines(run / "metrics.jsonl"),
         "ckpt": int(latest.read_text().split("-")[1]) if latest.is_file() else 0,
         "complete": (run / "privacy.json").is_file(),
@@ -145,7 +145,7 @@ def resume_and_check(trainers: Trainers, run: Path, before: dict, target: float 
     rc, err = trainers.run(["train", "--resume", str(run), "--quiet"])
     assert rc == 0, err
     privacy = json.loads((run / "privacy.json").read_text())
-    touched = _lines(run / "privacy-journal.jsonl")
+    touched = _lines(run / "private" / "journal.jsonl")
     # Every step of the crashed attempts is still counted, and exactly the steps after the last
     # checkpoint are redone (breaks if the journal were reset, or steps skipped, on resume).
     redo = PLANNED - before["ckpt"]
@@ -159,7 +159,7 @@ def resume_and_check(trainers: Trainers, run: Path, before: dict, target: float 
     assert privacy["epsilon"] == pytest.approx(compute_epsilon(q, sigma, touched, DELTA), rel=1e-9)
     rows = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, len(rows) + 1)) and len(rows) == touched - before["journal"] + before["ckpt"]
-    assert "differential privacy" in (run / "README.md").read_text()
+    assert "differential privacy" in (run / "model" / "README.md").read_text()
     loaded = load_run_model(run)
     assert loaded.model(**loaded.tokenizer("record 1", return_tensors="pt")).logits.ndim == 3
     return privacy
@@ -234,7 +234,7 @@ def test_real_subprocess_kill_and_resume(tmp_path, tiny_model_dir):
     res = subprocess.run([*cmd, "train", "--resume", str(run), "--quiet"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     privacy = json.loads((run / "privacy.json").read_text())
-    touched = _lines(run / "privacy-journal.jsonl")
+    touched = _lines(run / "private" / "journal.jsonl")
     assert privacy["steps"] == touched == before["journal"] + PLANNED - before["ckpt"]
     assert privacy["epsilon"] == pytest.approx(compute_epsilon(privacy["sample_rate"], SIGMA, touched, DELTA))
     load_run_model(run)
@@ -245,7 +245,7 @@ def test_damaged_checkpoint_is_refused_by_the_cli(trainers, tmp_path, tiny_model
     run = tmp_path / "run"
     rc, err = trainers.run(train_argv(tmp_path, tiny_model_dir, run), kill={"at": "step", "n": 7})
     assert rc == -signal.SIGKILL, err
-    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    ckpt = run / "private" / "checkpoints" / (run / "private" / "checkpoints" / "latest").read_text().strip()
     weights = ckpt / "weights.safetensors"
     if damage == "truncate":
         os.truncate(weights, weights.stat().st_size - 100)
@@ -255,14 +255,14 @@ def test_damaged_checkpoint_is_refused_by_the_cli(trainers, tmp_path, tiny_model
         weights.write_bytes(bytes(blob))
     else:
         (ckpt / "manifest.json").write_text("{")
-    journal = (run / "privacy-journal.jsonl").read_text()
+    journal = (run / "private" / "journal.jsonl").read_text()
     rc, err = trainers.run(["train", "--resume", str(run), "--quiet"])
     # Breaks if the damage were not detected (resume from corrupt weights) or if the CLI let the
     # error out as a traceback.
     assert rc == 2, err
     assert one_error_line(err) and "Traceback" not in err
     assert ("checksum" in err) if damage != "manifest" else ("manifest" in err)
-    assert (run / "privacy-journal.jsonl").read_text() == journal  # refused before touching the data
+    assert (run / "private" / "journal.jsonl").read_text() == journal  # refused before touching the data
     assert not (run / "privacy.json").exists()
 
 

@@ -136,7 +136,8 @@ def test_fuzzed_data_files(data, tiny_model_dir):
         else:
             assert res.exit_code == 0, (res.stderr, res.exception)
             privacy = json.loads((out / "privacy.json").read_text())
-            assert privacy["steps"] == 1 and privacy["data"]["records"] >= 2
+            stats = json.loads((out / "private" / "data.json").read_text())
+            assert privacy["steps"] == 1 and stats["records"] >= 2
 
 
 FLOATS = st.one_of(

@@ -76,7 +76,7 @@ def test_no_marker_outside_explicit_generation(world):
     # Not --quiet: the progress line (loss, ε, speed) is a log too.
     invoke(["train", *common, "--output", str(out / "dp"), "--privacy-unit", "user", "--json"], said)
     invoke(["train", *common, "--output", str(out / "nodp"), "--no-dp", "--quiet"], said)
-    assert (out / "dp" / "checkpoints" / "latest").is_file()  # checkpoint metadata is searched too
+    assert (out / "dp" / "private" / "checkpoints" / "latest").is_file()  # checkpoint metadata is searched too
     invoke(["evaluate", "--run", str(out / "dp"), "--data", held, "--batch-size", "8"], said)
     invoke(["evaluate", "--model", model, "--data", held, "--json"], said)
     audit = ["--members", train, "--non-members", held, "--max-records", "6", "--batch-size", "8"]
@@ -84,7 +84,7 @@ def test_no_marker_outside_explicit_generation(world):
     invoke(["audit", "--model", model, *audit, "--output", str(out / "audit-model"), "--json"], said)
     invoke(["ledger", "show", "--data", train, "--delta", "1e-3", "--json"], said)
     for run in ("dp", "nodp"):
-        assert (out / run / "privacy.json").is_file() and (out / run / "README.md").is_file()
+        assert (out / run / "privacy.json").is_file() and (out / run / "model" / "README.md").is_file()
     for folder in ("audit-run", "audit-model"):
         result = json.loads((out / folder / "audit.json").read_text())
         assert result.get("dupont_completion") is None  # the one explicit generation section: empty here

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from scipy import stats
 
-from dpft.errors import CheckpointError, ConfigError
+from dpft.errors import ConfigError
+from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import (
     PoissonSampler,
+    PrivacyUnits,
     batch_size_consistency,
-    cap_unit_examples,
     micro_batches,
     sample_rate_for,
 )
@@ -30,13 +29,13 @@ def binomial_chi_square_p(observed: np.ndarray, n: int, p: float) -> float:
     return stats.chisquare(obs_bins, exp_bins).pvalue
 
 
-def draw(sampler: PoissonSampler, steps: int) -> list[np.ndarray]:
-    return [sampler.sample() for _ in range(steps)]
+def draw(sampler: PoissonSampler, steps: int, start: int = 0) -> list[np.ndarray]:
+    return [sampler.sample(t) for t in range(start, start + steps)]
 
 
 def test_batch_sizes_follow_binomial():
     n, q, steps = 2000, 0.02, 4000
-    sizes = np.array([b.size for b in draw(PoissonSampler(n, q, seed=1), steps)])
+    sizes = np.array([b.size for b in draw(PoissonSampler(n, q, Randomness.unsafe_seeded(1)), steps)])
     assert sizes.mean() == pytest.approx(n * q, abs=4 * np.sqrt(n * q * (1 - q) / steps))
     # Var of the sample variance is ≈ 2σ⁴/(T-1): 5 standard errors is a generous band.
     assert sizes.var(ddof=1) == pytest.approx(n * q * (1 - q), rel=5 * np.sqrt(2 / steps))
@@ -44,7 +43,7 @@ def test_batch_sizes_follow_binomial():
 
 
 def test_batches_are_sorted_distinct_int64():
-    for batch in draw(PoissonSampler(50, 0.3, seed=2), 100):
+    for batch in draw(PoissonSampler(50, 0.3, Randomness.unsafe_seeded(2)), 100):
         assert batch.dtype == np.int64
         assert np.all(np.diff(batch) > 0) and (batch.size == 0 or 0 <= batch[0] <= batch[-1] < 50)
 
@@ -52,7 +51,7 @@ def test_batches_are_sorted_distinct_int64():
 def test_inclusion_counts_follow_binomial_and_ignore_the_index():
     n, q, steps = 1000, 0.05, 1000
     counts = np.zeros(n, dtype=int)
-    for batch in draw(PoissonSampler(n, q, seed=3), steps):
+    for batch in draw(PoissonSampler(n, q, Randomness.unsafe_seeded(3)), steps):
         counts[batch] += 1
     assert binomial_chi_square_p(counts, steps, q) > 1e-3
     # No unit is favoured by its position: low and high indices have the same count law.
@@ -62,30 +61,12 @@ def test_inclusion_counts_follow_binomial_and_ignore_the_index():
 
 def test_empty_batches_occur_at_the_expected_rate():
     n, q, steps = 20, 0.05, 5000
-    empty = sum(b.size == 0 for b in draw(PoissonSampler(n, q, seed=4), steps))
+    empty = sum(b.size == 0 for b in draw(PoissonSampler(n, q, Randomness.unsafe_seeded(4)), steps))
     assert stats.binomtest(empty, steps, (1 - q) ** n).pvalue > 1e-3
 
 
-def test_state_round_trip_resumes_the_same_stream():
-    sampler = PoissonSampler(300, 0.1, seed=None)
-    draw(sampler, 7)
-    state = json.loads(json.dumps(sampler.state_dict()))
-    expected = draw(sampler, 20)
-    resumed = PoissonSampler(300, 0.1, seed=12345)
-    resumed.load_state_dict(state)
-    assert all(np.array_equal(a, b) for a, b in zip(draw(resumed, 20), expected, strict=True))
-
-
-def test_state_from_other_data_is_refused():
-    state = PoissonSampler(300, 0.1, seed=0).state_dict()
-    with pytest.raises(CheckpointError, match="--batch-size"):
-        PoissonSampler(301, 0.1, seed=0).load_state_dict(state)
-    with pytest.raises(CheckpointError, match="malformed"):
-        PoissonSampler(300, 0.1, seed=0).load_state_dict({"num_units": 300})
-
-
 def test_seeded_samplers_agree_and_differ_by_seed():
-    a, b, c = (PoissonSampler(500, 0.1, seed=s) for s in (9, 9, 10))
+    a, b, c = (PoissonSampler(500, 0.1, Randomness.unsafe_seeded(s)) for s in (9, 9, 10))
     first, second, third = draw(a, 5), draw(b, 5), draw(c, 5)
     assert all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))
     assert not all(np.array_equal(x, y) for x, y in zip(first, third, strict=True))
@@ -93,10 +74,10 @@ def test_seeded_samplers_agree_and_differ_by_seed():
 
 def test_batch_size_consistency_accepts_poisson_and_rejects_impostors():
     n, q, steps = 1000, 0.03, 500
-    poisson = [b.size for b in draw(PoissonSampler(n, q, seed=5), steps)]
+    poisson = [b.size for b in draw(PoissonSampler(n, q, Randomness.unsafe_seeded(5)), steps)]
     assert batch_size_consistency(poisson, n, q) > 1e-3
     assert batch_size_consistency([30] * steps, n, q) < 1e-6  # fixed-size batches
-    wrong_rate = [b.size for b in draw(PoissonSampler(n, 0.033, seed=6), steps)]
+    wrong_rate = [b.size for b in draw(PoissonSampler(n, 0.033, Randomness.unsafe_seeded(6)), steps)]
     assert batch_size_consistency(wrong_rate, n, q) < 1e-6
     assert batch_size_consistency([n + 1] * 3, n, q) == 0.0
 
@@ -104,8 +85,8 @@ def test_batch_size_consistency_accepts_poisson_and_rejects_impostors():
 def test_batch_size_consistency_holds_for_small_expected_batches():
     # N·q = 1: very skewed binomial; the kurtosis-corrected variance test keeps its level.
     n, q = 100, 0.01
-    sampler = PoissonSampler(n, q, seed=7)
-    p_values = [batch_size_consistency([b.size for b in draw(sampler, 300)], n, q) for _ in range(100)]
+    sampler = PoissonSampler(n, q, Randomness.unsafe_seeded(7))
+    p_values = [batch_size_consistency([b.size for b in draw(sampler, 300, 300 * i)], n, q) for i in range(100)]
     assert min(p_values) > 1e-4
     assert np.mean(np.array(p_values) < 0.05) < 0.15
 
@@ -139,12 +120,23 @@ def test_micro_batches_refuse_a_unit_larger_than_the_micro_batch():
         micro_batches([0, 1], [[0, 1, 2], [3, 4, 5, 6, 7]], micro_batch_size=4)
 
 
-def test_cap_unit_examples_is_seeded_and_bounded():
+def test_privacy_units_cap_each_user_and_batch_by_unit():
     unit_examples = [list(range(10 * u, 10 * u + k)) for u, k in enumerate([1, 5, 10, 3])]
-    capped = cap_unit_examples(unit_examples, 3, seed=0)
+    ids = [f"u{u}" for u in range(4)]
+    units = PrivacyUnits(unit_examples, ids, 3, Randomness.unsafe_seeded(0))
+    capped = units.unit_examples
     assert [len(u) for u in capped] == [1, 3, 3, 3]
     assert all(set(c) <= set(u) and c == sorted(c) for c, u in zip(capped, unit_examples, strict=True))
-    assert capped == cap_unit_examples(unit_examples, 3, seed=0)
-    assert capped != cap_unit_examples(unit_examples, 3, seed=1)
+    assert capped == PrivacyUnits(unit_examples, ids, 3, Randomness.unsafe_seeded(0)).unit_examples
+    assert capped != PrivacyUnits(unit_examples, ids, 3, Randomness.unsafe_seeded(1)).unit_examples
+    batches = units.micro_batches([3, 1, 2], micro_batch_size=6)
+    assert [len(mb) for mb, _ in batches] == [6, 3]
+    assert [ui.tolist() for _, ui in batches] == [[1, 1, 1, 0, 0, 0], [0, 0, 0]]  # unit index per example
     with pytest.raises(ConfigError, match="--max-records-per-user"):
-        cap_unit_examples(unit_examples, 0, seed=0)
+        PrivacyUnits(unit_examples, ids, 0, Randomness.secure())
+
+
+def test_secure_sampler_follows_the_poisson_law():
+    n, q, steps = 1000, 0.03, 400
+    sampler = PoissonSampler(n, q, Randomness.secure())
+    assert batch_size_consistency([sampler.sample(t).size for t in range(steps)], n, q) > 1e-6

@@ -25,18 +25,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N, BATCH, STEPS = 40, 8, 100
 
 
-def fixed_size(self) -> np.ndarray:
+RNG = np.random.default_rng()
+
+
+def fixed_size(self, step: int) -> np.ndarray:
     """A plausible bug: shuffled fixed-size batches (what a DataLoader gives)."""
-    return np.sort(self._rng.choice(self.num_units, size=round(self.num_units * self.sample_rate), replace=False))
+    return np.sort(RNG.choice(self.num_units, size=round(self.num_units * self.sample_rate), replace=False))
 
 
-def half_rate(self) -> np.ndarray:
+def half_rate(self, step: int) -> np.ndarray:
     """Another: Poisson sampling at the wrong rate (q/2, e.g. a unit counted twice in N)."""
-    size = self._rng.binomial(self.num_units, self.sample_rate / 2)
-    return np.sort(self._rng.choice(self.num_units, size=size, replace=False)).astype(np.int64)
+    size = RNG.binomial(self.num_units, self.sample_rate / 2)
+    return np.sort(RNG.choice(self.num_units, size=size, replace=False)).astype(np.int64)
 
 
-def train(tmp_path, model: str) -> tuple[dict, str]:
+def train(tmp_path, model: str) -> tuple[dict, dict, str]:
     rows = [{"prompt": f"r{i}:", "completion": f" c{i % 5}"} for i in range(N)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -56,28 +59,29 @@ def train(tmp_path, model: str) -> tuple[dict, str]:
     )
     privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
     assert privacy == json.loads(json.dumps(report))
-    return privacy, (tmp_path / "run" / "README.md").read_text()
+    check = json.loads((tmp_path / "run" / "private" / "data.json").read_text())["sampling_check"]
+    return privacy, check, (tmp_path / "run" / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("bug", [fixed_size, half_rate], ids=["fixed_size", "half_rate"])
 def test_wrong_sampler_withholds_the_guarantee(bug, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(PoissonSampler, "sample", bug)
-    privacy, card = train(tmp_path, tiny_model_dir)
+    privacy, check, card = train(tmp_path, tiny_model_dir)
     # Breaks if the guard is skipped, its threshold loosened, or it is fed the planned batch size
     # instead of the observed ones: then a false ε would be reported for a non-Poisson run.
-    assert privacy["sampling_check"]["steps_checked"] == STEPS
-    assert privacy["sampling_check"]["p_value"] < SAMPLING_P_MIN
+    assert check["steps_checked"] == STEPS
+    assert check["p_value"] < SAMPLING_P_MIN
     assert privacy["epsilon"] is None and privacy["dp"] is True
-    assert "Poisson" in privacy["guarantee_refused"]
+    assert "Poisson" in privacy["guarantee_refused"]  # the p-value itself stays private
     assert "No guarantee reported" in card and "Privacy guarantee" not in card
 
 
 def test_true_sampler_passes(tmp_path, tiny_model_dir):
-    privacy, card = train(tmp_path, tiny_model_dir)
+    privacy, check, card = train(tmp_path, tiny_model_dir)
     # Breaks if the guard fires on honest Poisson batches (a test with no power would pass the
     # bugs above too, so both directions are needed).
-    assert privacy["sampling_check"]["steps_checked"] == STEPS
-    assert privacy["sampling_check"]["p_value"] >= 1e-3
+    assert check["steps_checked"] == STEPS
+    assert check["p_value"] >= 1e-3
     assert "guarantee_refused" not in privacy
     q, sigma = privacy["sample_rate"], privacy["noise_multiplier"]
     assert privacy["epsilon"] == pytest.approx(compute_epsilon(q, sigma, STEPS, 1e-3))

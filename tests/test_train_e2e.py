@@ -72,7 +72,7 @@ def test_dp_run_writes_the_contract(tmp_path, tiny_model_dir):
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(r["epsilon"] > 0 for r in rows) and rows[-1]["epsilon"] == pytest.approx(privacy["epsilon"])
-    assert (run / "config.yaml").is_file() and "differential privacy" in (run / "README.md").read_text()
+    assert (run / "config.yaml").is_file() and "differential privacy" in (run / "model" / "README.md").read_text()
     loaded = load_run_model(run)
     assert loaded.model(**loaded.tokenizer("record 1", return_tensors="pt")).logits.ndim == 3
 
@@ -98,7 +98,7 @@ def test_no_dp_baseline(tmp_path, tiny_model_dir):
     data = write_records(tmp_path / "d.jsonl")
     report = dpft.train(str(data), str(tmp_path / "run"), **base_options(tiny_model_dir, no_dp=True))
     assert report["dp"] is False and report["epsilon"] is None and report["steps"] == 6
-    assert "No privacy guarantee" in (tmp_path / "run" / "README.md").read_text()
+    assert "No privacy guarantee" in (tmp_path / "run" / "model" / "README.md").read_text()
 
 
 def test_budget_hard_stop(tmp_path, tiny_model_dir):
@@ -131,7 +131,7 @@ class Crash(Exception):
 def test_resume_after_crash_accounts_every_step(tmp_path, tiny_model_dir, monkeypatch):
     data = write_records(tmp_path / "d.jsonl")
     run = tmp_path / "run"
-    real_step, calls = recipe._step, {"n": 0}
+    real_step, calls = recipe._train_step, {"n": 0}
 
     def crashing_step(*args, **kwargs):
         calls["n"] += 1
@@ -140,13 +140,13 @@ def test_resume_after_crash_accounts_every_step(tmp_path, tiny_model_dir, monkey
             raise Crash
         return out
 
-    monkeypatch.setattr(recipe, "_step", crashing_step)
+    monkeypatch.setattr(recipe, "_train_step", crashing_step)
     with pytest.raises(Crash):
         # σ given without a target ε: no budget stop, so all planned steps are (re)done
         dpft.train(
             str(data), str(run), **base_options(tiny_model_dir, checkpoint_every=2, epsilon=None, noise_multiplier=1.0)
         )
-    monkeypatch.setattr(recipe, "_step", real_step)
+    monkeypatch.setattr(recipe, "_train_step", real_step)
     assert not (run / "privacy.json").exists()  # an interrupted run is never presented as complete
     report = dpft.train("", "", resume=str(run), quiet=True)
     # checkpoint at step 4; step 5 touched the data before the crash and is redone: 7 steps in all
@@ -167,11 +167,11 @@ def test_tampered_checkpoint_is_refused(tmp_path, tiny_model_dir, monkeypatch):
 
     dpft.train(str(data), str(run), **base_options(tiny_model_dir, checkpoint_every=3, max_steps=3))
     (run / "privacy.json").unlink()
-    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    latest = run / "private" / "checkpoints" / (run / "private" / "checkpoints" / "latest").read_text().strip()
     blob = bytearray((latest / "weights.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (latest / "weights.safetensors").write_bytes(bytes(blob))
-    monkeypatch.setattr(recipe, "_step", crash)
+    monkeypatch.setattr(recipe, "_train_step", crash)
     with pytest.raises(CheckpointError, match="checksum"):
         dpft.train("", "", resume=str(run), quiet=True)
 

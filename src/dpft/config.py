@@ -20,6 +20,9 @@ from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.training.schedule import SCHEDULES
 
+# Fields that describe this invocation, not the run's settings: never saved in config.yaml.
+RUN_ONLY = ("unsafe_seed", "resume", "quiet")
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -62,10 +65,13 @@ class TrainConfig:
         "record", "Privacy unit: 'record', or 'user' (groups records by user_id: protects whole people)."
     )
     max_records_per_user: int = _opt(
-        8, "User-level only: at most this many records per user are used (chosen once, seeded)."
+        8, "User-level only: at most this many records per user are used (chosen once per user, at random)."
     )
-    secure_noise: bool = _opt(
-        False, "Draw noise seeds from OS entropy (not reproducible) with the Holohan-Braghin mitigation."
+    unsafe_seed: int | None = _opt(
+        None,
+        "UNSAFE, for tests and debugging: derive sampling, per-user caps and noise from this seed (reproducible). "
+        "The guarantee then holds only against someone who does not know it; privacy.json says so. Default: "
+        "fresh OS entropy, never stored.",
     )
     dataset_budget: float | None = _opt(
         None, "Refuse the run if the ledger's total ε on this dataset would exceed this."
@@ -82,7 +88,7 @@ class TrainConfig:
     lr_schedule: str = _opt("constant", "Learning-rate schedule: constant, linear or cosine (decay to 0).")
     warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    seed: int = _opt(0, "Seed for sampling, noise (unless --secure-noise) and initialisation.")
+    seed: int = _opt(0, "Seed of the adapters' initialisation (public; sampling and noise never use it).")
     # Operations.
     checkpoint_every: int = _opt(
         50,
@@ -100,9 +106,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """The settings that may ship with the model: no seed of the DP randomness, no resume path."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY}
+
     def save(self, path: Path) -> None:
-        """Write atomically: a torn config.yaml would let a resume run with other settings."""
-        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the public settings atomically (an unsafe seed is kept in the run's private state)."""
+        write_text_atomic(Path(path), yaml.safe_dump(self.public_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

@@ -12,7 +12,8 @@ from typing import Any
 import typer
 
 from dpft.cli.errors import handles_errors
-from dpft.config import TrainConfig
+from dpft.config import RUN_ONLY, TrainConfig
+from dpft.errors import ConfigError
 
 
 def _flag(name: str) -> str:
@@ -45,12 +46,16 @@ def _parameters() -> list[inspect.Parameter]:
 
 
 def _resolve(ctx: typer.Context, config_file: Path | None, values: dict[str, Any]) -> TrainConfig:
-    """YAML values first, then every flag the user actually typed."""
+    """YAML values first, then every flag the user actually typed; --resume takes no other setting."""
+    # typer vendors its own click: compare the source by name, not by enum identity
+    typed = {k: v for k, v in values.items() if getattr(ctx.get_parameter_source(k), "name", None) != "DEFAULT"}
+    if values.get("resume") is not None:
+        ignored = [_flag(k) for k in typed if k not in RUN_ONLY] + (["--config"] if config_file else [])
+        if ignored:
+            raise ConfigError([f"--resume continues a run with its saved settings; remove {', '.join(ignored)}"])
     if config_file is None:
         return TrainConfig(**values)
     base = dataclasses.asdict(TrainConfig.load(config_file))
-    # typer vendors its own click: compare the source by name, not by enum identity
-    typed = {k: v for k, v in values.items() if getattr(ctx.get_parameter_source(k), "name", None) != "DEFAULT"}
     return TrainConfig(**{**base, **typed})
 
 
@@ -80,7 +85,7 @@ def _summary(report: dict[str, Any], output: str) -> None:
         console.print(f"[red]guarantee withheld[/]: {report.get('guarantee_refused')} → {output}")
     else:
         console.print(f"[yellow]done without DP[/] (no privacy guarantee), {report['steps']} steps → {output}")
-    console.print(f"stop: {report['stop_reason']}; data: {report['data']}")
+    console.print(f"stop: {report['stop_reason']}; data statistics and losses: {output}/private/ (keep with the data)")
 
 
 train_command.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]

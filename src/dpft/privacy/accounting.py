@@ -36,7 +36,6 @@ _MIN_CALIBRATED_SIGMA = 0.05
 _MAX_CALIBRATED_SIGMA = 2.0**20
 
 
-
 class Segment(NamedTuple):
     """`steps` consecutive Poisson-sampled Gaussian steps at rate q and noise multiplier σ."""
 

@@ -239,7 +239,9 @@ class PlainAccumulator:
         """The step's summed gradients, fp32, by parameter name (zeros where none); starts a new step."""
         sums = {}
         for name, p in self._params.items():
-            sums[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if p.grad is None else p.grad.float()
+            sums[name] = (
+                torch.zeros(p.shape, dtype=torch.float32, device=p.device) if p.grad is None else p.grad.float()
+            )
             p.grad = None
         self._fresh = True
         return sums

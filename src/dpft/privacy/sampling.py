@@ -11,9 +11,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy import stats
 
-from dpft.errors import CheckpointError, ConfigError
+from dpft.errors import ConfigError
+from dpft.privacy.randomness import Randomness
 
 
 class PoissonSampler:
@@ -23,13 +25,13 @@ class PoissonSampler:
     Args:
         num_units: Number of privacy units N ≥ 1.
         sample_rate: Inclusion probability q, in (0, 1].
-        seed: Seed of the numpy PCG64 generator; None draws one from OS entropy.
+        randomness: Secure (fresh OS entropy per step, the default) or unsafe seeded.
 
     Raises:
         ConfigError: If N < 1 or q is not in (0, 1].
     """
 
-    def __init__(self, num_units: int, sample_rate: float, seed: int | None):
+    def __init__(self, num_units: int, sample_rate: float, randomness: Randomness):
         problems = []
         if num_units < 1:
             problems.append(f"the training data has no privacy units (N = {num_units})")
@@ -39,46 +41,20 @@ class PoissonSampler:
             raise ConfigError(problems)
         self.num_units = int(num_units)
         self.sample_rate = float(sample_rate)
-        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self._randomness = randomness
 
-    def sample(self) -> np.ndarray:
-        """Draw one step's batch.
+    def sample(self, step: int) -> np.ndarray:
+        """Draw the batch of logical step `step` (which keys seeded draws; secure ones ignore it).
 
         Returns:
             The sorted int64 indices of the included units (possibly none).
         """
+        rng = self._randomness.numpy("sample", step)
         # Same law as N independent coin flips, in O(batch) instead of O(N): the batch size is
         # Binomial(N, q) and, given its size, the batch is a uniformly random subset.
-        size = self._rng.binomial(self.num_units, self.sample_rate)
-        batch = self._rng.choice(self.num_units, size=size, replace=False)
+        size = rng.binomial(self.num_units, self.sample_rate)
+        batch = rng.choice(self.num_units, size=size, replace=False)
         return np.sort(batch).astype(np.int64)
-
-    def state_dict(self) -> dict:
-        """JSON-serialisable state; loading it continues the same random stream."""
-        return {
-            "num_units": self.num_units,
-            "sample_rate": self.sample_rate,
-            "bit_generator": self._rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state from `state_dict`.
-
-        Raises:
-            CheckpointError: If the state is malformed or belongs to other data or another rate.
-        """
-        try:
-            num_units, sample_rate = state["num_units"], state["sample_rate"]
-            bit_generator = np.random.PCG64()
-            bit_generator.state = state["bit_generator"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"sampler state is malformed ({err!r})") from err
-        if (num_units, sample_rate) != (self.num_units, self.sample_rate):
-            raise CheckpointError(
-                f"the checkpoint sampled {num_units} units at rate {sample_rate}, this run "
-                f"{self.num_units} at {self.sample_rate}: resume with the same data and --batch-size"
-            )
-        self._rng = np.random.Generator(bit_generator)
 
 
 def sample_rate_for(expected_batch_size: float, num_units: int) -> float:
@@ -103,35 +79,63 @@ def sample_rate_for(expected_batch_size: float, num_units: int) -> float:
     return expected_batch_size / num_units
 
 
-def cap_unit_examples(unit_examples: Sequence[Sequence[int]], cap: int, seed: int) -> list[list[int]]:
-    """Keep at most `cap` examples per unit (user-level DP), chosen once with a seeded RNG.
+class PrivacyUnits:
+    """The privacy units of a dataset: the examples each unit keeps, and micro-batches of units.
 
-    Contribution bounding happens here, before training, and never changes afterwards: a
-    unit's gradient is then the sum over at most `cap` examples, clipped once per step as a
-    whole, which is what user-level sensitivity C assumes.
+    All of the unit bookkeeping lives here: the per-user cap (contribution bounding, chosen once,
+    before training, independently for every user), the example → unit map, and packing sampled
+    units into micro-batches that never split a unit (a unit is clipped as a whole).
 
     Args:
         unit_examples: For each unit, the indices of its examples.
-        cap: The largest number of examples a unit keeps (--max-records-per-user).
-        seed: Seed of the choice, so that a resumed run keeps the same examples.
-
-    Returns:
-        For each unit, its kept example indices in their original order.
+        unit_ids: One stable id per unit (keys the seeded cap, so no user's choice depends on another).
+        cap: At most this many examples per unit (user-level DP), or None (record-level: one each).
+        randomness: Where the cap's choice comes from.
 
     Raises:
         ConfigError: If cap < 1.
     """
-    if cap < 1:
-        raise ConfigError([f"--max-records-per-user must be at least 1, got {cap}"])
-    rng = np.random.Generator(np.random.PCG64(seed))
-    capped = []
-    for examples in unit_examples:
-        kept = list(examples)
-        if len(kept) > cap:
-            chosen = np.sort(rng.choice(len(kept), size=cap, replace=False))
-            kept = [kept[i] for i in chosen]
-        capped.append(kept)
-    return capped
+
+    def __init__(
+        self,
+        unit_examples: Sequence[Sequence[int]],
+        unit_ids: Sequence[str],
+        cap: int | None,
+        randomness: Randomness,
+    ):
+        if cap is not None and cap < 1:
+            raise ConfigError([f"--max-records-per-user must be at least 1, got {cap}"])
+        self.unit_examples = [
+            _capped(list(examples), cap, randomness, uid) for examples, uid in zip(unit_examples, unit_ids, strict=True)
+        ]
+        count = 1 + max((max(e) for e in unit_examples if e), default=-1)
+        self.example_unit = np.full(count, -1, dtype=np.int64)  # -1: an example the cap left out
+        for u, examples in enumerate(self.unit_examples):
+            self.example_unit[examples] = u
+
+    def __len__(self) -> int:
+        return len(self.unit_examples)
+
+    def examples_of(self, units: Sequence[int]) -> int:
+        """How many examples the given units hold (a private number: keep it with the data)."""
+        return sum(len(self.unit_examples[u]) for u in units)
+
+    def micro_batches(self, units: Sequence[int], micro_batch_size: int) -> list[tuple[list[int], torch.Tensor]]:
+        """The sampled units' examples in micro-batches, each with its (B,) unit index 0..U-1.
+
+        Raises:
+            ConfigError: If micro_batch_size < 1 or a sampled unit alone exceeds it.
+        """
+        batches = micro_batches(units, self.unit_examples, micro_batch_size)
+        return [(mb, torch.from_numpy(np.unique(self.example_unit[mb], return_inverse=True)[1])) for mb in batches]
+
+
+def _capped(examples: list[int], cap: int | None, randomness: Randomness, unit_id: str) -> list[int]:
+    """At most `cap` of a unit's examples, in their original order, drawn for this unit alone."""
+    if cap is None or len(examples) <= cap:
+        return examples
+    chosen = np.sort(randomness.numpy("cap", unit_id).choice(len(examples), size=cap, replace=False))
+    return [examples[i] for i in chosen]
 
 
 def micro_batches(

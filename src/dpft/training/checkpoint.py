@@ -1,15 +1,15 @@
 """Atomic, checksummed checkpoints: trainable weights, optimizer, and the loop's state.
 
-A checkpoint is a folder `checkpoints/step-000123/` holding `weights.safetensors`, `optimizer.pt`,
+A checkpoint is a folder `private/checkpoints/step-000123/` holding `weights.safetensors`, `optimizer.pt`,
 `state.json` and `manifest.json` (sha256 of each file). It is written into a temporary folder,
 fsynced, then renamed into place, and `checkpoints/latest` is replaced atomically last: a crash at
 any point leaves the previous checkpoint intact. Loading verifies every checksum and that the
-checkpoint belongs to this run's configuration.
+checkpoint belongs to this run's configuration. It holds no random-generator state: a DP run's
+sampling and noise randomness is never written anywhere (privacy/randomness.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from dpft.atomic_write import fsync_file, write_text_atomic
 from dpft.errors import CheckpointError
+from dpft.hashing import sha256_file
 
 FILES = ("weights.safetensors", "optimizer.pt", "state.json")
 
@@ -37,7 +38,7 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / FILES[0])
         torch.save(optimizer, tmp / FILES[1])
         (tmp / FILES[2]).write_text(json.dumps(state))
-        manifest = {name: _sha256(tmp / name) for name in FILES}
+        manifest = {name: sha256_file(tmp / name) for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for name in (*FILES, "manifest.json"):
             fsync_file(tmp / name)
@@ -86,13 +87,5 @@ def _prune(root: Path, keep: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_or_none(path: Path) -> str | None:
-    return _sha256(path) if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None

@@ -2,7 +2,8 @@
 
 A line is written *before* a step reads its batch. After a crash, the steps between the last
 checkpoint and the crash are redone, and the journal still holds the lost ones, so the reported ε
-composes every step that touched the data — never fewer. The journal holds numbers only.
+composes every step that touched the data — never fewer. It is the single source of ε: the step's
+hard stop, privacy.json and the ledger all compose `segments()`. It holds (q, σ) per step only.
 """
 
 from __future__ import annotations
@@ -11,44 +12,51 @@ import json
 import os
 from pathlib import Path
 
+from dpft.privacy.accounting import Segment
+
 
 class PrivacyJournal:
-    def __init__(self, path: Path):
-        self.path = path
+    """The journal file of a run (satisfies `dpft.privacy.step.Journal`).
 
-    def record(self, step: int, sample_rate: float, noise_multiplier: float | None) -> None:
-        """Append one step durably (fsync): called before the step samples its batch."""
-        line = json.dumps({"step": step, "q": sample_rate, "sigma": noise_multiplier}) + "\n"
+    Args:
+        path: The journal file (created on the first record).
+        current: The run's own (q, σ) step: a torn last line (the process died while writing it)
+            counts as one such step. When in doubt, account the step.
+    """
+
+    def __init__(self, path: Path, current: Segment):
+        self.path, self._current = path, Segment(current.sample_rate, current.noise_multiplier, 1)
+
+    def record(self, segment: Segment) -> None:
+        """Append `segment.steps` steps durably (fsync): called before the step samples its batch."""
+        line = json.dumps({"q": segment.sample_rate, "sigma": segment.noise_multiplier}) + "\n"
         with open(self.path, "a") as f:
-            f.write(line)
+            f.write(line * segment.steps)
             f.flush()
             os.fsync(f.fileno())
 
-    def segments(self, sample_rate: float, noise_multiplier: float) -> list[tuple[float, float, int]]:
-        """The journal as (q, σ, count) runs of identical consecutive steps.
-
-        A torn last line (the process died while writing it) counts as a step at the run's
-        current (q, σ): when in doubt, account the step.
-        """
-        segs: list[tuple[float, float, int]] = []
-        for q, sigma in self._steps(sample_rate, noise_multiplier):
-            if segs and segs[-1][:2] == (q, sigma):
-                segs[-1] = (q, sigma, segs[-1][2] + 1)
+    def segments(self) -> list[Segment]:
+        """The journal as runs of identical consecutive steps, in order."""
+        segs: list[Segment] = []
+        for q, sigma in self._steps():
+            if segs and (segs[-1].sample_rate, segs[-1].noise_multiplier) == (q, sigma):
+                segs[-1] = segs[-1]._replace(steps=segs[-1].steps + 1)
             else:
-                segs.append((q, sigma, 1))
+                segs.append(Segment(q, sigma, 1))
         return segs
 
     def count(self) -> int:
-        return len(self._steps(0.0, 0.0))
+        """Steps that touched the data."""
+        return sum(s.steps for s in self.segments())
 
-    def _steps(self, sample_rate: float, noise_multiplier: float) -> list[tuple[float, float]]:
+    def _steps(self) -> list[tuple[float, float]]:
         if not self.path.is_file():
             return []
         steps = []
         for raw in self.path.read_text().splitlines():
             try:
                 entry = json.loads(raw)
-                steps.append((entry["q"], entry["sigma"]))
-            except (ValueError, KeyError):
-                steps.append((sample_rate, noise_multiplier))
+                steps.append((float(entry["q"]), float(entry["sigma"])))
+            except (ValueError, KeyError, TypeError):
+                steps.append((self._current.sample_rate, self._current.noise_multiplier))
         return steps

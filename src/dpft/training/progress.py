@@ -1,4 +1,4 @@
-"""Progress bar: step, loss, ε spent / target, examples/s. Numbers only, never text."""
+"""Progress bar: step and ε spent / target. Public numbers only: never a loss, never text."""
 
 from __future__ import annotations
 
@@ -31,8 +31,6 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         self._bar.__exit__(*exc)
 
-    def update(self, row: dict[str, Any]) -> None:
-        eps = row.get("epsilon")
-        budget = "" if eps is None else f" ε {eps:.2f}" + (f"/{self.target:g}" if self.target else "")
-        desc = f"loss {row['loss']:.3f}{budget} {row['examples_per_s']:.1f} ex/s"
-        self._bar.update(self._task, completed=row["step"], description=desc)
+    def update(self, step: int, epsilon: float | None) -> None:
+        budget = "" if epsilon is None else f"ε {epsilon:.2f}" + (f"/{self.target:g}" if self.target else "")
+        self._bar.update(self._task, completed=step, description=budget)

@@ -1,4 +1,4 @@
-"""privacy.json: the guarantee as the code actually ran it (DESIGN.md's contract)."""
+"""privacy.json (public: the guarantee as the code actually ran it) and the private data report."""
 
 from __future__ import annotations
 
@@ -11,39 +11,48 @@ from dpft.privacy.sampling import batch_size_consistency
 SAMPLING_P_MIN = 1e-6
 
 
-def privacy_report(s, accountant, steps_touched: int, batch_sizes: list[int], stop_reason: str) -> dict[str, Any]:
-    """Build privacy.json from the setup, the accountant and the observed batch sizes."""
-    c = s.config
-    dp = s.noise_multiplier is not None
+def privacy_report(run: Any, stop_reason: str) -> dict[str, Any]:
+    """privacy.json: only public parameters and DP outputs (DESIGN.md's contract).
+
+    Nothing here is computed from the records outside the DP mechanism: N (the number of
+    units) is the accepted public parameter; ε is a function of (q, σ, steps, δ) only.
+    """
+    c, m = run.config, run.step.mechanism
+    segments = run.journal.segments() if m.dp else []
     report: dict[str, Any] = {
-        "dp": dp,
-        "epsilon": accountant.epsilon(c.delta) if dp else None,
-        "delta": c.delta if dp else None,
-        "noise_multiplier": s.noise_multiplier,
-        "max_grad_norm": c.max_grad_norm if dp else None,
-        "sample_rate": s.sample_rate,
-        "expected_batch_size": c.batch_size,
-        "steps": steps_touched,
-        "planned_steps": s.planned_steps,
-        "target_epsilon": c.epsilon if dp else None,
-        "accountant": c.accountant if dp else None,
+        "dp": m.dp,
+        "epsilon": run.step.epsilon,
+        "delta": c.delta if m.dp else None,
+        "noise_multiplier": m.noise_multiplier if m.dp else None,
+        "max_grad_norm": m.max_grad_norm if m.dp else None,
+        "sample_rate": m.sample_rate,
+        "expected_batch_size": m.expected_batch_size,
+        "steps": sum(s.steps for s in segments) if m.dp else run.steps_done,
+        "planned_steps": run.planned_steps,
+        "target_epsilon": c.epsilon if m.dp else None,
+        "accountant": c.accountant if m.dp else None,
+        "segments": [list(s) for s in segments],
         "sampling": "poisson",
         "privacy_unit": c.privacy_unit,
         "max_records_per_user": c.max_records_per_user if c.privacy_unit == "user" else None,
-        "num_units": len(s.unit_examples),
-        "noise_mode": "secure (OS entropy, not reproducible)"
-        if c.secure_noise
-        else f"seeded (seed {c.seed}, reproducible)",
+        "num_units": len(run.units),
+        "randomness": run.randomness.mode,
         "stop_reason": stop_reason,
-        "data": s.stats,
-        "sampling_check": None,
     }
-    if dp and batch_sizes:
-        p_value = batch_size_consistency(batch_sizes, len(s.unit_examples), s.sample_rate)
-        report["sampling_check"] = {"p_value": p_value, "steps_checked": len(batch_sizes)}
-        if p_value < SAMPLING_P_MIN:
-            report["guarantee_refused"] = (
-                f"observed batch sizes disagree with Poisson sampling (p = {p_value:.2g}); ε withheld"
-            )
-            report["epsilon"] = None
+    if m.dp and sampling_p_value(run) < SAMPLING_P_MIN:
+        report["guarantee_refused"] = "the sampler's self-check failed (batch sizes disagree with Poisson sampling)"
+        report["epsilon"] = None
     return report
+
+
+def data_report(run: Any) -> dict[str, Any]:
+    """private/data.json: statistics of the private records and the sampler self-check."""
+    return {
+        **run.stats,
+        "sampling_check": {"p_value": sampling_p_value(run), "steps_checked": len(run.batch_sizes)},
+    }
+
+
+def sampling_p_value(run: Any) -> float:
+    """p-value that the realised batch sizes follow Binomial(N, q) (private: they are realised draws)."""
+    return batch_size_consistency(run.batch_sizes, len(run.units), run.step.mechanism.sample_rate)

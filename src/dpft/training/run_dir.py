@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): model, config.yaml, privacy.json, metrics.jsonl, README.md.
+"""Writing a run directory (layout: `dpft.run_layout`): public files and the private part.
 
 `privacy.json` and the model card are written last, once training has finished: a run directory
 without them is a run in progress (or a crashed one, resumable with `dpft train --resume`).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +15,14 @@ import torch
 
 from dpft.atomic_write import write_text_atomic
 from dpft.errors import DpftError
+from dpft.run_layout import RunPaths
 
-MODEL_META = "dpft-model.json"
+PRIVATE_README = """Keep this folder with the training data, never with the model.
 
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def privacy(self) -> Path:
-        return self.root / "privacy.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def journal(self) -> Path:
-        return self.root / "privacy-journal.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def card(self) -> Path:
-        return self.root / "README.md"
+It holds numbers computed from the private records outside the DP mechanism (per-step losses,
+realised batch sizes, example counts, timings, data statistics) and the run's checkpoints.
+The differential privacy guarantee in ../privacy.json does not cover anything here.
+"""
 
 
 def create_run_dir(output: str) -> RunPaths:
@@ -58,22 +30,24 @@ def create_run_dir(output: str) -> RunPaths:
     root = Path(output)
     if root.exists() and any(root.iterdir()):
         raise DpftError(f"--output {root}: directory exists and is not empty (use --resume {root} to continue it)")
-    root.mkdir(parents=True, exist_ok=True)
-    return RunPaths(root)
+    paths = RunPaths(root)
+    paths.private.mkdir(parents=True, exist_ok=True)
+    (paths.private / "README.txt").write_text(PRIVATE_README)
+    return paths
 
 
-def append_metrics(paths: RunPaths, row: dict[str, Any]) -> None:
+def append_row(path: Path, row: dict[str, Any]) -> None:
     """One JSON line per step: numbers only, never text."""
-    with open(paths.metrics, "a") as f:
+    with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(paths: RunPaths, last_step: int) -> None:
-    """On resume, drop metric rows of steps after the checkpoint (they are redone)."""
-    if not paths.metrics.is_file():
+def truncate_rows(path: Path, last_step: int) -> None:
+    """On resume, drop the rows of steps after the checkpoint (they are redone)."""
+    if not path.is_file():
         return
-    rows = [r for r in paths.metrics.read_text().splitlines() if _row_step(r) <= last_step]
-    write_text_atomic(paths.metrics, "".join(r + "\n" for r in rows))
+    rows = [r for r in path.read_text().splitlines() if _row_step(r) <= last_step]
+    write_text_atomic(path, "".join(r + "\n" for r in rows))
 
 
 def save_model(paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, base_model: str) -> None:
@@ -81,11 +55,11 @@ def save_model(paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, ba
     model.save_pretrained(paths.model, safe_serialization=True)
     tokenizer.save_pretrained(paths.model)
     meta = {"kind": kind, "base_model": base_model}
-    (paths.model / MODEL_META).write_text(json.dumps(meta, indent=1))
+    paths.model_meta.write_text(json.dumps(meta, indent=1))
 
 
-def write_privacy(paths: RunPaths, report: dict[str, Any]) -> None:
-    write_text_atomic(paths.privacy, json.dumps(report, indent=2) + "\n")
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
 def write_model_card(paths: RunPaths, report: dict[str, Any], base_model: str) -> None:
@@ -107,11 +81,11 @@ def model_card(p: dict[str, Any], base_model: str) -> str:
     eps, delta = p["epsilon"], p["delta"]
     return head + (
         f"## Privacy guarantee\n\nTrained with DP-SGD: ({eps:.3g}, {delta:.3g})-differential privacy "
-        f"at the level of one **{unit}**, over {p['num_units']} units.\n\n"
+        f"at the level of one **{unit}**, over {p['num_units']} units (the number of units is public).\n\n"
         f"In words: whether any single {unit.split(' ')[0]} was in the training data or not changes "
         f"the probability of any outcome of training by at most a factor e^{eps:.3g} ≈ {math.exp(min(eps, 50)):.3g}, "
-        f"except with probability {delta:.3g}. An attacker who sees the model learns almost nothing "
-        "specific to that unit beyond what they would learn without it.\n\n"
+        f"except with probability {delta:.3g}. {_strength(eps)}\n\n"
+        f"{_randomness_words(p['randomness'])}\n\n"
         "## How\n\n"
         f"- {p['steps']} steps, Poisson sampling of units with rate q = {p['sample_rate']:.4g} "
         f"(expected batch {p['expected_batch_size']}).\n"
@@ -123,7 +97,30 @@ def model_card(p: dict[str, Any], base_model: str) -> str:
         "- Facts shared by many units (population statistics) are learned: that is the point.\n"
         "- A person whose records carry different user_ids is protected per record, not as a whole.\n"
         "- The base model's own pre-training data and any prompt given at inference are not covered.\n"
-        f"- The guarantee holds for the training procedure as run; noise mode: {p['noise_mode']}.\n"
+        "- The training run's private folder (losses, batch sizes, data statistics) is not covered: "
+        "it stays with the data.\n"
+    )
+
+
+def _strength(eps: float) -> str:
+    """What the factor e^ε means, in words that scale with it."""
+    if eps <= 1:
+        return "That is a strong guarantee: an attacker's odds about any one unit barely move."
+    if eps <= 4:
+        return "That is a moderate guarantee: it bounds how much an attacker's odds about one unit can grow."
+    return (
+        f"That is a weak formal guarantee (an attacker's odds about one unit may grow up to "
+        f"{math.exp(min(eps, 50)):.3g}-fold): it limits, but does not rule out, what can be inferred "
+        "about one unit; audit the model (`dpft audit`) to measure what it leaks."
+    )
+
+
+def _randomness_words(mode: str) -> str:
+    if mode == "os-entropy":
+        return "Sampling and noise came from fresh OS entropy, never stored."
+    return (
+        "**Reproducible (unsafe) randomness:** sampling and noise were derived from a seed. The "
+        "guarantee holds only against someone who does not know that seed."
     )
 
 

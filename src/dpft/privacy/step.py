@@ -1,0 +1,211 @@
+"""The DP-SGD step as one guarded object: clip → accumulate → noise σC once → ÷ expected batch → account.
+
+Every caller (the `dpft train` recipe, and whatever else drives an optimizer) goes through
+`PrivacyStep`, so the guarantee rests on this file alone:
+
+    step.begin(t)                      # hard stop at the budget; journal the step BEFORE the data is read
+    for micro-batch of the sampled units:
+        step.backward(losses, unit_index)   # per-unit clip and accumulate (fp32)
+    step.finish()                      # N(0, σ²C²) once per coordinate, in fp32 → ÷ B → p.grad
+    optimizer.step()                   # refused unless `finish` ran for this step, and only once
+
+The stages are checked at run time, not by line order (after Opacus, which marks processed
+gradients): a second `finish`, an optimizer step without noise, gradients replaced between
+`finish` and the optimizer, or a `backward` outside a step raise `StepOrderError`.
+`Mechanism.dp = False` (`--no-dp`) is the one switch for the non-private baseline: same sampling
+and division, no clipping, no noise, nothing journalled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dpft.errors import BudgetExceededError
+from dpft.privacy.accounting import Segment, epsilon_of
+from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
+from dpft.privacy.noise import add_gaussian_noise
+from dpft.privacy.randomness import Randomness
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The public parameters of the mechanism, as the accountant sees them.
+
+    Args:
+        sample_rate: Poisson rate q of the sampler that runs.
+        expected_batch_size: q·N; the noised sum is divided by it (the realised size is private).
+        noise_multiplier: σ; the noise std per coordinate is σ·C.
+        max_grad_norm: C, the bound on each unit's gradient.
+        dp: False for the non-private baseline (`--no-dp`).
+    """
+
+    sample_rate: float
+    expected_batch_size: float
+    noise_multiplier: float
+    max_grad_norm: float
+    dp: bool = True
+
+    @classmethod
+    def non_private(cls, sample_rate: float, expected_batch_size: float) -> Mechanism:
+        """The --no-dp baseline: the same sampling and division, no clipping, no noise."""
+        return cls(sample_rate, expected_batch_size, 0.0, float("inf"), dp=False)
+
+    @property
+    def segment(self) -> Segment:
+        """One step of this mechanism, as the journal and the accountant record it."""
+        return Segment(self.sample_rate, self.noise_multiplier, 1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What ε is measured against: δ, the accountant, and the hard stop (None: report, don't cap)."""
+
+    delta: float
+    accountant: str = "pld"
+    target_epsilon: float | None = None
+
+
+class Journal(Protocol):
+    """The single source of ε: every step that touched the data, written before it did."""
+
+    def segments(self) -> list[Segment]: ...
+    def record(self, segment: Segment) -> None: ...
+
+
+class MemoryJournal:
+    """A journal in memory (tests, and callers that persist it themselves)."""
+
+    def __init__(self) -> None:
+        self._steps: list[Segment] = []
+
+    def segments(self) -> list[Segment]:
+        return list(self._steps)
+
+    def record(self, segment: Segment) -> None:
+        self._steps.append(segment)
+
+
+class StepOrderError(RuntimeError):
+    """A DP stage ran out of order, twice, or not at all: a bug in the caller, never user input."""
+
+
+_IDLE, _OPEN, _FINISHED = "idle", "open", "finished"
+
+
+class PrivacyStep:
+    """One logical DP-SGD step at a time over `model`'s trainable parameters.
+
+    Args:
+        model: The model; its trainable parameters are clipped, noised and updated.
+        mechanism: q, B, σ, C (and the --no-dp switch).
+        budget: δ, accountant and the optional hard stop.
+        randomness: Where the noise comes from (secure unless explicitly seeded).
+        journal: Where each step is recorded before it touches the data.
+
+    Raises:
+        ConfigError: C is not positive, or the model has a module dpft cannot clip.
+    """
+
+    def __init__(
+        self, model: nn.Module, mechanism: Mechanism, budget: Budget, randomness: Randomness, journal: Journal
+    ):
+        self.mechanism, self.budget = mechanism, budget
+        self._randomness, self._journal = randomness, journal
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._engine = PerUnitClipper(model, mechanism.max_grad_norm) if mechanism.dp else PlainAccumulator(model)
+        self._state, self._step = _IDLE, -1
+        self._written: dict[str, Tensor] = {}
+        self._hooks: list = []
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse any `optimizer.step()` that does not follow exactly one `finish()`."""
+        self._hooks += [
+            optimizer.register_step_pre_hook(lambda *_: self._before_update()),
+            optimizer.register_step_post_hook(lambda *_: self._after_update()),
+        ]
+
+    @property
+    def epsilon(self) -> float | None:
+        """ε at δ of every journalled step (None for --no-dp)."""
+        if not self.mechanism.dp:
+            return None
+        return epsilon_of(self._journal.segments(), self.budget.delta, self.budget.accountant)
+
+    def within_budget(self) -> bool:
+        """Whether one more step keeps ε of the journal's actual segments within the target."""
+        if not self.mechanism.dp or self.budget.target_epsilon is None:
+            return True
+        segments = [*self._journal.segments(), self.mechanism.segment]
+        return epsilon_of(segments, self.budget.delta, self.budget.accountant) <= self.budget.target_epsilon
+
+    def begin(self, step: int) -> None:
+        """Open logical step `step`: check the budget, then journal it before any data is read.
+
+        Raises:
+            BudgetExceededError: One more step would exceed the target ε.
+            StepOrderError: The previous step was not completed by an optimizer step.
+        """
+        self._expect(_IDLE, "begin")
+        if not self.within_budget():
+            raise BudgetExceededError(f"one more step would exceed ε = {self.budget.target_epsilon}")
+        if self.mechanism.dp:
+            self._journal.record(self.mechanism.segment)
+        self._state, self._step = _OPEN, step
+
+    def backward(self, example_losses: Tensor, unit_index: Tensor) -> Tensor:
+        """Backward over one micro-batch; adds its units' clipped gradients to the step's sum.
+
+        Args:
+            example_losses: (B,) per-example losses (each the mean over its own target tokens).
+            unit_index: (B,) long, the unit 0..U-1 of each example; a unit is never split.
+
+        Returns:
+            (U,) fp32 pre-clip norms (NaN without DP). Private: keep them with the data.
+        """
+        self._expect(_OPEN, "backward")
+        return self._engine.backward(example_losses, unit_index)
+
+    def finish(self) -> None:
+        """Noise the fp32 sum once (std σC per coordinate), divide by the expected batch, write p.grad.
+
+        The noise goes onto the fp32 sums before anything is rounded to the weights' dtype: a
+        rounding before the noise would depend on the other units and could move the sum by more
+        than C. An empty step (no unit sampled) is noised like any other.
+        """
+        self._expect(_OPEN, "finish")
+        sums = self._engine.take_sums()
+        m = self.mechanism
+        if m.dp:
+            add_gaussian_noise(list(sums.values()), m.noise_multiplier * m.max_grad_norm, self._randomness, self._step)
+        for name, total in sums.items():
+            param = self._params[name]
+            param.grad = total.div_(m.expected_batch_size).to(param.dtype)
+            self._written[name] = param.grad
+        self._state = _FINISHED
+
+    def remove(self) -> None:
+        """Detach from the model and the optimizer."""
+        self._engine.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _before_update(self) -> None:
+        self._expect(_FINISHED, "optimizer.step")
+        for name, param in self._params.items():
+            if param.grad is not self._written.get(name):
+                raise StepOrderError(f"the gradient of '{name}' was replaced after the noise was added")
+
+    def _after_update(self) -> None:
+        self._written.clear()
+        self._state = _IDLE
+        for param in self._params.values():
+            param.grad = None
+
+    def _expect(self, state: str, action: str) -> None:
+        if self._state != state:
+            raise StepOrderError(f"{action} called while the DP step is {self._state} (expected {state})")

@@ -1,0 +1,126 @@
+"""Break the privacy code on purpose and check that a test fails (an adversarial check of the suite).
+
+Each mutation replaces one exact snippet of `src/` in a temporary copy of the package and runs the
+tests that claim to catch it; they must fail. A snippet that no longer exists fails this test
+too, so a refactor cannot silently retire a check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "noise std σ instead of σC",
+        "privacy/step.py",
+        "m.noise_multiplier * m.max_grad_norm, self._randomness",
+        "m.noise_multiplier, self._randomness",
+        ("tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",),
+    ),
+    Mutation(
+        "division by the realised batch size",
+        "privacy/step.py",
+        "param.grad = total.div_(m.expected_batch_size)",
+        "param.grad = total.div_(max(1, getattr(self, '_seen', 0)))",
+        ("tests/test_step.py::test_divides_by_the_expected_batch_not_the_realised_one",),
+    ),
+    Mutation(
+        "noise once per micro-batch",
+        "privacy/step.py",
+        "        return self._engine.backward(example_losses, unit_index)",
+        "        norms = self._engine.backward(example_losses, unit_index)\n"
+        "        add_gaussian_noise(list(self._engine._sums.values()), "
+        "self.mechanism.noise_multiplier * self.mechanism.max_grad_norm, self._randomness, self._step)\n"
+        "        return norms",
+        ("tests/test_step.py::test_noise_is_added_once_per_step_not_per_micro_batch",),
+    ),
+    Mutation(
+        "empty steps skipped",
+        "privacy/step.py",
+        "        if m.dp:\n            add_gaussian_noise(",
+        "        if m.dp and any(s.any() for s in sums.values()):\n            add_gaussian_noise(",
+        ("tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",),
+    ),
+    Mutation(
+        "bf16 rounding before the noise",
+        "privacy/step.py",
+        "        sums = self._engine.take_sums()\n",
+        "        sums = {n: s.to(self._params[n].dtype).float() for n, s in self._engine.take_sums().items()}\n",
+        ("tests/test_step.py::test_bf16_weights_one_more_unit_moves_the_pre_noise_sum_by_at_most_c",),
+    ),
+    Mutation(
+        "hard stop assumes every journalled step used the current (q, σ)",
+        "privacy/step.py",
+        "segments = [*self._journal.segments(), self.mechanism.segment]",
+        "segments = [self.mechanism.segment._replace(steps=sum(s.steps for s in self._journal.segments()) + 1)]",
+        ("tests/test_step.py::test_hard_stop_composes_the_journals_actual_segments",),
+    ),
+    Mutation(
+        "sampler seeded from the config",
+        "training/recipe.py",
+        "randomness = Randomness.secure() if seed is None else Randomness.unsafe_seeded(seed)",
+        "randomness = Randomness.unsafe_seeded(config.seed if seed is None else seed)",
+        ("tests/test_randomness.py::test_two_secure_runs_draw_different_batches_and_noise",),
+    ),
+    Mutation(
+        "resume with changed data",
+        "training/recipe.py",
+        "    if state.get(\"data\") != sha256_file(saved.data):",
+        "    if False:",
+        ("tests/test_resume_checks.py::test_resume_refuses_changed_data",),
+    ),
+    Mutation(
+        "one shared stream for every user's cap",
+        "privacy/sampling.py",
+        'randomness.numpy("cap", unit_id)',
+        'randomness.numpy("cap", 0)',
+        ("tests/test_randomness.py::test_a_users_capped_records_do_not_depend_on_other_users",),
+    ),
+]
+
+
+def _mutated_copy(tmp_path: Path, m: Mutation) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    target = src / "dpft" / m.file
+    text = target.read_text()
+    assert text.count(m.old) == 1, f"{m.file}: the snippet of '{m.name}' is gone; update the mutation"
+    target.write_text(text.replace(m.old, m.new))
+    return src
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", MUTATIONS, ids=[m.name for m in MUTATIONS])
+def test_mutation_is_caught(tmp_path: Path, m: Mutation) -> None:
+    src = _mutated_copy(tmp_path, m)
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, f"'{m.name}' was not caught:\n{result.stdout[-2000:]}"
+
+
+@pytest.mark.slow
+def test_the_mutated_copy_is_what_runs(tmp_path: Path) -> None:
+    src = _mutated_copy(tmp_path, MUTATIONS[0])
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", "import dpft; print(dpft.__file__)"], env=env, capture_output=True, text=True)
+    assert out.stdout.strip().startswith(str(src))
