@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
-from dpft.privacy.noise import add_gaussian_noise
+from dpft.privacy.randomness import Randomness
+from dpft.privacy.step import Budget, Mechanism, MemoryJournal, PrivacyStep
 from dpft.training.loss import example_losses
 
 VARIANTS = ["plain", "dpft", "opacus_hooks", "opacus_ghost"]
@@ -117,29 +117,28 @@ def _losses(model: nn.Module, ids: Tensor, labels: Tensor, args: argparse.Namesp
     return example_losses(logits, labels)
 
 
-def _finish(acc, params: list[nn.Parameter], opt: torch.optim.Optimizer, batch: int, noise: bool) -> None:
-    sums = list(acc.take_sums().values())
-    if noise:
-        add_gaussian_noise(sums, SIGMA * CLIP, None)
-    for p, total in zip(params, sums, strict=True):
-        p.grad = total.div_(batch).to(p.dtype)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def _privacy_step(model: nn.Module, opt: torch.optim.Optimizer, batch: int, dp: bool) -> PrivacyStep:
+    """dpft's own step object, as `dpft train` runs it (the non-private baseline is its --no-dp switch)."""
+    mechanism = Mechanism(0.01, batch, SIGMA, CLIP) if dp else Mechanism.non_private(0.01, batch)
+    step = PrivacyStep(model, mechanism, Budget(1e-5), Randomness.secure(), MemoryJournal())
+    step.attach(opt)
+    return step
 
 
 def make_variant(name: str, model: nn.Module, opt: torch.optim.Optimizer, batch, args) -> Variant:
     """Wrap the shared model for one variant (the optimizer is the variant's own AdamW)."""
     ids, labels = batch
-    params = [p for p in model.parameters() if p.requires_grad]
     units = torch.arange(args.batch)
     if name in ("plain", "dpft"):
-        acc = PlainAccumulator(model) if name == "plain" else PerUnitClipper(model, CLIP)
+        dp_step = _privacy_step(model, opt, args.batch, dp=name == "dpft")
 
         def step() -> None:
-            acc.backward(_losses(model, ids, labels, args), units)
-            _finish(acc, params, opt, args.batch, noise=name == "dpft")
+            dp_step.begin(0)
+            dp_step.backward(_losses(model, ids, labels, args), units)
+            dp_step.finish()
+            opt.step()
 
-        return Variant(step, acc.remove)
+        return Variant(step, dp_step.remove)
     return _opacus_variant(name, model, opt, ids, labels, args)
 
 
@@ -254,13 +253,14 @@ def memory_child(args: argparse.Namespace) -> dict:
 
 def logical_batch_child(model: nn.Module, opt, args: argparse.Namespace, setup: float) -> dict:
     """One dpft step over `--logical-batch` examples in micro-batches of `--batch`."""
-    clipper = PerUnitClipper(model, CLIP)
-    params = [p for p in model.parameters() if p.requires_grad]
+    dp_step = _privacy_step(model, opt, args.logical_batch, dp=True)
     start = time.perf_counter()
+    dp_step.begin(0)
     for i in range(args.logical_batch // args.batch):
         ids, labels = make_batch(model, args, seed=i)
-        clipper.backward(_losses(model, ids, labels, args), torch.arange(args.batch))
-    _finish(clipper, params, opt, args.logical_batch, noise=True)
+        dp_step.backward(_losses(model, ids, labels, args), torch.arange(args.batch))
+    dp_step.finish()
+    opt.step()
     return {
         "peak_rss_mb": rss_mb(),
         "setup_rss_mb": setup,
