@@ -126,7 +126,10 @@ class PerUnitClipper:
         captures = list(self._captures)
         self._captures.clear()
         self._check(captures, units)
-        with torch.no_grad():  # saved activations still require grad: build no graph on them
+        # No graph on the saved activations (they still require grad), and no autocast: a caller's
+        # bf16 region would round the Grams, norms and sums, and a norm rounded down lets a unit
+        # contribute more than C.
+        with torch.no_grad(), torch.autocast(example_losses.device.type, enabled=False):
             norms = self._unit_sq_norms(captures, units).clamp_min(0).sqrt()
             factors = (self.max_grad_norm / (norms + EPS)).clamp(max=1.0)
             finite = torch.isfinite(norms)

@@ -98,7 +98,12 @@ def use_ghost(units: Units, steps: int, d_in: int, d_out: int) -> bool:
 
 
 def _unit_weight_grads(a: Tensor, g: Tensor, units: Units) -> Tensor:
-    return units.sum_examples(torch.einsum("bto,bti->boi", g, a).float())  # (U, out, in), fp32
+    """(U, out, in) fp32 per-unit gradients, formed from the same fp32 a and g as `_clipped_sum`.
+
+    A bf16 product would round each example's gradient (up to 2^-8 relative) before its norm is
+    taken, while the clipped sum is exact: a unit could then contribute up to 1.004·C.
+    """
+    return units.sum_examples(torch.einsum("bto,bti->boi", g.float(), a.float()))
 
 
 def _sq_norms(cap: Capture, units: Units) -> dict[str, Tensor]:
