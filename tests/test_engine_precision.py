@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dpft.privacy.rules import linear
 from helpers import unit_contributions
-from test_engine import MODELS, example_losses
+from test_engine import MODELS, Norms, example_losses, shared_losses
 from test_engine_sensitivity import adversarial_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add contention
@@ -64,3 +64,21 @@ def test_one_unit_moves_fp32_sums_by_at_most_c_in_bf16(name: str, mode: str, uni
     moved = unit_contributions(model, C, losses_of, batch[3], autocast_backward=mode == "autocast-backward")
     assert max(moved.values()) <= C * (1 + TOL), moved
     assert moved[max(moved)] >= C * (1 - 1e-3)  # the adversarial (last) unit is clipped, not ignored
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_norm_and_generic_rules_in_bf16(mode: str) -> None:
+    """torch's RMSNorm, LayerNorm, a Gemma-style norm (norm rule) and an unknown scale (generic)."""
+    model, units = Norms(), torch.tensor([0, 1, 1, 2, 3, 4])
+    ids = torch.randint(0, 10, (len(units), 5), generator=torch.Generator().manual_seed(0))
+    weights = torch.where(units == 4, 1e6, 1.0)
+    if mode == "bf16-weights":
+        model = model.to(torch.bfloat16)
+
+    def losses_of(rows: Tensor) -> Tensor:
+        with forward_context(mode):
+            return shared_losses(model, ids[rows]) * weights[rows]
+
+    moved = unit_contributions(model, C, losses_of, units, autocast_backward=mode == "autocast-backward")
+    assert max(moved.values()) <= C * (1 + TOL), moved
+    assert moved[4] >= C * (1 - 1e-3)
