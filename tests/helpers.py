@@ -3,6 +3,8 @@ tokenizer, and small utilities shared by several test modules."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -75,3 +77,41 @@ def write_grads(accumulator, model: nn.Module) -> dict[str, Tensor]:
     for name, total in sums.items():
         params[name].grad = total.to(params[name].dtype)
     return sums
+
+
+def unit_contributions(
+    model: nn.Module,
+    c: float,
+    losses_of: Callable[[Tensor], Tensor],
+    unit_index: Tensor,
+    autocast_backward: bool = False,
+) -> dict[int, float]:
+    """||sums with unit u - sums without it|| for every unit u: the sensitivity, σ = 0.
+
+    `losses_of(rows)` runs the forward on those rows of a fixed batch and returns their losses.
+    The sums are `take_sums`' fp32 tensors, as the DP step gets them (checked to be fp32): the bound
+    must hold before anything is rounded to the weights' dtype. `autocast_backward` also runs the
+    engine's backward inside a bf16 autocast region, as a caller may.
+    """
+    from dpft.privacy.engine import PerUnitClipper
+
+    def sums(rows: Tensor) -> dict[str, Tensor]:
+        _, units = torch.unique(unit_index[rows], return_inverse=True)
+        clipper = PerUnitClipper(model, c)
+        try:
+            losses = losses_of(rows)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_backward):
+                clipper.backward(losses, units)
+            out = clipper.take_sums()
+        finally:
+            clipper.remove()
+        assert all(s.dtype == torch.float32 for s in out.values())
+        return out
+
+    everyone = torch.arange(unit_index.numel())
+    full = sums(everyone)
+    moved = {}
+    for u in torch.unique(unit_index).tolist():
+        without = sums(everyone[unit_index != u])
+        moved[u] = float(torch.sqrt(sum((full[n].double() - without[n].double()).square().sum() for n in full)))
+    return moved

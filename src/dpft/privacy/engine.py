@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dpft.errors import ConfigError
-from dpft.privacy.layers import cross_term, rule_for
+from dpft.privacy.layers import cross_term, mixes_examples, rule_for
 from dpft.privacy.rules.base import Capture, Units
 
 EPS = 1e-6  # in c_u = min(1, C / (norm_u + EPS))
@@ -60,7 +60,8 @@ class PerUnitClipper:
         max_grad_norm: the clipping bound C > 0.
 
     Raises:
-        ConfigError: C is not positive, or the model has a trainable module dpft cannot clip.
+        ConfigError: C is not positive, the model has a trainable module dpft cannot clip, or a
+            module that mixes the examples of a batch (`dpft.privacy.layers.mixes_examples`).
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float):
@@ -86,12 +87,25 @@ class PerUnitClipper:
             raise
 
     def _attach(self) -> None:
+        self._refuse_batch_mixing()
         for module in self._model.modules():
             params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if params:
                 forward = rule_for(module).attach(module, params, self._captures.append, lambda: self._batch_size)
                 self._patched.append((module, module.__dict__.get("forward")))
                 module.forward = forward  # instance attribute: the class is untouched
+
+    def _refuse_batch_mixing(self) -> None:
+        """At attach and before every backward: `model.train()` may come after the attach."""
+        for name, module in self._model.named_modules():
+            if (why := mixes_examples(module)) is not None:
+                raise ConfigError(
+                    [
+                        f"module '{name or 'model'}' ({type(module).__name__}) {why}, so each "
+                        "example's gradient depends on the others and clipping cannot bound what "
+                        "one unit changes; use a per-example norm (LayerNorm, GroupNorm) or eval mode"
+                    ]
+                )
 
     def _note_batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -115,10 +129,12 @@ class PerUnitClipper:
             dropped from the sum: contributing nothing is within the sensitivity bound).
 
         Raises:
-            ConfigError: a trainable parameter got a gradient outside its module's rule, or a
-                module mixed the examples of the batch.
+            ConfigError: a trainable parameter got a gradient outside its module's rule, a
+                module's input rows are not the examples, or a module mixes the examples (BatchNorm
+                put in training mode after the attach).
         """
         units = _units_of(example_losses, unit_index)
+        self._refuse_batch_mixing()
         for p in self._params.values():
             p.grad = None  # any gradient found after the backward escaped the rules
         self._captures.clear()
@@ -126,7 +142,10 @@ class PerUnitClipper:
         captures = list(self._captures)
         self._captures.clear()
         self._check(captures, units)
-        with torch.no_grad():  # saved activations still require grad: build no graph on them
+        # No graph on the saved activations (they still require grad), and no autocast: a caller's
+        # bf16 region would round the Grams, norms and sums, and a norm rounded down lets a unit
+        # contribute more than C.
+        with torch.no_grad(), torch.autocast(example_losses.device.type, enabled=False):
             norms = self._unit_sq_norms(captures, units).clamp_min(0).sqrt()
             factors = (self.max_grad_norm / (norms + EPS)).clamp(max=1.0)
             finite = torch.isfinite(norms)
@@ -148,12 +167,7 @@ class PerUnitClipper:
         for cap in captures:
             if cap.batch_size != units.index.numel():
                 name = self._module_names[id(cap.module)]
-                raise ConfigError(
-                    [
-                        f"module '{name}' shares its input across the examples of a "
-                        "batch; its per-unit gradient cannot be computed"
-                    ]
-                )
+                raise ConfigError([_rows_problem(name, cap.batch_size, units.index.numel())])
 
     def _unit_sq_norms(self, captures: list[Capture], units: Units) -> Tensor:
         """sum over parameters of ||grad_u||², with cross terms where modules share a parameter."""
@@ -198,6 +212,23 @@ class PerUnitClipper:
             hook.remove()
         self._captures.clear()
         self._sums.clear()
+
+
+def _rows_problem(name: str, rows: int, batch: int) -> str:
+    """Why a module's input rows cannot be told apart by example, in the user's terms."""
+    if rows == 1:
+        what = f"one row shared by all {batch} examples of the batch"
+    elif rows % batch == 0:
+        what = (
+            f"{rows} = {batch} × {rows // batch} rows for {batch} examples: the examples were "
+            "flattened into rows (e.g. (batch·tokens, features))"
+        )
+    else:
+        what = f"{rows} rows for {batch} examples"
+    return (
+        f"module '{name}' got an input of {what}; its first dimension must be the batch, one row "
+        "per example, or its per-unit gradient cannot be computed"
+    )
 
 
 def _drop_examples(captures: list[Capture], keep: Tensor) -> None:

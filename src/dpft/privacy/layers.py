@@ -1,4 +1,5 @@
-"""The registry of per-layer rules: which rule clips which module type, and shared parameters.
+"""The registry of per-layer rules: which rule clips which module type, shared parameters, and
+which modules mix the examples of a batch (refused by the engine).
 
 Extend by registering: `register_rule(MyLayer, MY_RULE)` for a new layer type (see
 `dpft.privacy.rules.base.LayerRule`), `register_cross_rule("a", "b", fn)` for a cheap cross term
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from transformers.pytorch_utils import Conv1D
 
 from dpft.privacy.rules.base import Capture, LayerRule, Units
@@ -74,3 +76,23 @@ def cross_term(first: tuple[Capture, str], second: tuple[Capture, str], units: U
         return fn(c2, c1, units)
     g1, g2 = c1.rule.unit_grads(c1, units, n1), c2.rule.unit_grads(c2, units, n2)
     return (g1 * g2).flatten(1).sum(1)  # instantiation: fine for anything but huge tables
+
+
+def mixes_examples(module: nn.Module) -> str | None:
+    """Why `module`'s output for one example depends on the other examples of the batch, if it does.
+
+    Per-unit clipping needs every example's loss to depend on its own input only: a module that
+    mixes the batch (trainable or frozen, anywhere in the model) makes each example's gradient
+    depend on the others, so removing one unit moves the others' clipped gradients too and the
+    sum by more than C. This is a check by type and state: BatchNorm (SyncBatchNorm and the lazy
+    ones included) normalising with the batch's statistics. LayerNorm, GroupNorm, InstanceNorm and
+    RMSNorm normalise each example alone.
+
+    A general probe (batch of two vs each example alone, on dummy input) was not chosen: in
+    training mode dropout makes the two runs differ anyway, switching to eval mode hides exactly
+    the BatchNorm case, the probe would update BatchNorm's running statistics, and mixing that
+    depends on the data (mixture-of-experts capacity limits) does not show on dummy input.
+    """
+    if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+        return "normalises with the whole batch's statistics (training mode, or no running statistics)"
+    return None

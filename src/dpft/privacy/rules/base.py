@@ -22,8 +22,9 @@ class Units:
     pair_i: Tensor  # (P,) long
     pair_j: Tensor  # (P,) long
     pair_unit: Tensor  # (P,) long
-    # The last input Gram: q, k and v (gate and up) read one input, and come back to back.
-    memo: dict = field(default_factory=dict, compare=False, repr=False)
+    # The last shared Gram and the captured tensor it was computed from: q, k and v (gate and up)
+    # read one input tensor, and come back to back.
+    memo: list[tuple[Tensor, Tensor]] = field(default_factory=list, compare=False, repr=False)
 
     @staticmethod
     def from_index(unit_index: Tensor) -> Units:
@@ -46,22 +47,26 @@ class Units:
         """Rows of x for the second member e' of every pair."""
         return x if self.one_per_unit else x[self.pair_j]
 
-    def gram(self, x: Tensor, shared: bool = False) -> Tensor:
+    def gram(self, x: Tensor, source: Tensor | None = None) -> Tensor:
         """(P, T, T) fp32 Grams <x_et, x_e's> of every pair, for x of shape (B, T, d).
 
         Always an fp32 matmul, also under bf16 autocast: a bf16 Gram rounds each entry (~0.2%), and
         a norm underestimated by that much lets a clipped unit exceed C. Correct clipping is worth the
         fp32 cost (the CPU has no bf16 matmul with fp32 output).
-        `shared`: x may be the input of the next layer too; keep its Gram until another comes.
+
+        Args:
+            x: the rows, (B, T, d).
+            source: the captured tensor x was read from, when it may be the next layer's input too.
+                Its Gram is kept, with the tensor itself, until another comes. The hit test is
+                identity of that held object, never a memory address: a freed temporary's address is
+                reused by the next layer's, and a Gram found by address would be another layer's.
         """
-        key = (x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
-        if shared and (hit := self.memo.get(key)) is not None:
-            return hit
+        if source is not None and self.memo and self.memo[0][0] is source:
+            return self.memo[0][1]
         x = x.float()
         gram = torch.bmm(self.left(x), self.right(x).mT)
-        if shared:
-            self.memo.clear()
-            self.memo[key] = gram
+        if source is not None:
+            self.memo[:] = [(source, gram)]
         return gram
 
     def sum_pairs(self, values: Tensor) -> Tensor:

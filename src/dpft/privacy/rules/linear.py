@@ -41,7 +41,10 @@ class _CaptureLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_c, w = ctx.saved_tensors
-        ctx.on_backward(x_c.detach(), g)
+        # The saved tensor itself, not a detached alias: layers that read one input (q, k, v) then
+        # hand over one object, whose identity keys the shared Gram (`Units.gram`). The engine
+        # reads captures under no_grad, so no graph is built on it.
+        ctx.on_backward(x_c, g)
         grad_x = (g.to(w.dtype) @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None
 
@@ -98,7 +101,12 @@ def use_ghost(units: Units, steps: int, d_in: int, d_out: int) -> bool:
 
 
 def _unit_weight_grads(a: Tensor, g: Tensor, units: Units) -> Tensor:
-    return units.sum_examples(torch.einsum("bto,bti->boi", g, a).float())  # (U, out, in), fp32
+    """(U, out, in) fp32 per-unit gradients, formed from the same fp32 a and g as `_clipped_sum`.
+
+    A bf16 product would round each example's gradient (up to 2^-8 relative) before its norm is
+    taken, while the clipped sum is exact: a unit could then contribute up to 1.004·C.
+    """
+    return units.sum_examples(torch.einsum("bto,bti->boi", g.float(), a.float()))
 
 
 def _sq_norms(cap: Capture, units: Units) -> dict[str, Tensor]:
@@ -107,7 +115,7 @@ def _sq_norms(cap: Capture, units: Units) -> dict[str, Tensor]:
     if "weight" in cap.params:
         if use_ghost(units, a.shape[1], a.shape[2], g.shape[2]):
             # <a_e^T g_e, a_e'^T g_e'> = sum_{t,s} (a_et · a_e's)(g_et · g_e's)
-            gram = units.gram(a, shared=True).flatten(1)
+            gram = units.gram(a, source=cap.a).flatten(1)
             out["weight"] = units.sum_pairs(torch.linalg.vecdot(gram, units.gram(g).flatten(1)))
         else:
             out["weight"] = _unit_weight_grads(a, g, units).square().sum((1, 2))
