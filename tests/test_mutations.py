@@ -95,6 +95,27 @@ MUTATIONS = [
         'randomness.numpy("cap", 0)',
         ("tests/test_randomness.py::test_a_users_capped_records_do_not_depend_on_other_users",),
     ),
+    Mutation(
+        "per-example gradients in bf16",
+        "privacy/rules/linear.py",
+        'torch.einsum("bto,bti->boi", g.float(), a.float())',
+        'torch.einsum("bto,bti->boi", g.bfloat16(), a.bfloat16()).float()',
+        ("tests/test_engine_precision.py::test_linear_1x1_rounding_adversary",),
+    ),
+    Mutation(
+        "a Gram reused across layers (found by memory address)",
+        "privacy/rules/base.py",
+        "self.memo[0][0] is source",
+        "self.memo[0][0].data_ptr() == source.data_ptr()",
+        ("tests/test_engine_gram.py::test_gram_of_another_tensor_at_the_same_address_is_recomputed",),
+    ),
+    Mutation(
+        "modules that mix examples accepted",
+        "privacy/layers.py",
+        "def mixes_examples(module: nn.Module) -> str | None:\n",
+        "def mixes_examples(module: nn.Module) -> str | None:\n    return None\n",
+        ("tests/test_engine_mixing.py::test_batch_statistics_are_refused_at_attach",),
+    ),
 ]
 
 
