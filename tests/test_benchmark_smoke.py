@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "step_cost.json"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--json-out", str(out)]

@@ -73,6 +73,7 @@ def test_train_bad_options_one_line_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_file_real_process(tmp_path):
     """A real process: exit code 2, one line naming the file, no traceback."""
     proc = subprocess.run(

@@ -25,6 +25,8 @@ from dpft.privacy.accounting import compute_epsilon
 
 HERE = Path(__file__).parent
 HELPER = HERE / "crash_helpers.py"
+pytestmark = pytest.mark.slow  # real processes, killed
+
 PLANNED, EVERY, DELTA, SIGMA = 24, 5, 1e-3, 1.0
 SURVIVED = {"kills": 0}  # reported at the end of the module
 

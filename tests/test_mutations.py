@@ -84,7 +84,7 @@ MUTATIONS = [
     Mutation(
         "resume with changed data",
         "training/recipe.py",
-        "    if state.get(\"data\") != sha256_file(saved.data):",
+        '    if state.get("data") != sha256_file(saved.data):',
         "    if False:",
         ("tests/test_resume_checks.py::test_resume_refuses_changed_data",),
     ),
@@ -143,5 +143,7 @@ def test_mutation_is_caught(tmp_path: Path, m: Mutation) -> None:
 def test_the_mutated_copy_is_what_runs(tmp_path: Path) -> None:
     src = _mutated_copy(tmp_path, MUTATIONS[0])
     env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", "import dpft; print(dpft.__file__)"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import dpft; print(dpft.__file__)"], env=env, capture_output=True, text=True
+    )
     assert out.stdout.strip().startswith(str(src))

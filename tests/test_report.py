@@ -119,6 +119,7 @@ def test_report_for_a_single_model_with_missing_parts(tmp_path):
     assert all(f"id='{sid}'" in page for sid in SECTION_IDS) and "n/a" in page
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(report):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
