@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpft.models.precision import WEIGHTS_DTYPES, autocast, describe_hardware, dtype_name, resolve_dtype
+from dpft.models.precision import DTYPES, autocast, describe_hardware, dtype_name, resolve_dtype
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
 from dpft.privacy.noise import add_gaussian_noise
 from dpft.training.loss import example_losses
@@ -113,7 +113,7 @@ class Variant:
 
 
 def _autocast(args: argparse.Namespace):
-    return autocast(WEIGHTS_DTYPES[args.dtype])
+    return autocast(DTYPES[args.dtype])
 
 
 def _losses(model: nn.Module, ids: Tensor, labels: Tensor, args: argparse.Namespace) -> Tensor:

@@ -18,7 +18,7 @@ import yaml
 from dpft.atomic_write import write_text_atomic
 from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
-from dpft.models.precision import DTYPE_CHOICES, WEIGHTS_DTYPES
+from dpft.models.precision import DTYPE_CHOICES, DTYPES
 from dpft.training.schedule import SCHEDULES
 
 
@@ -140,7 +140,7 @@ def _check_paths(c: TrainConfig) -> list[str]:
 def _check_choices(c: TrainConfig) -> list[str]:
     choices = {
         "--dtype": (c.dtype, DTYPE_CHOICES),
-        "--weights-dtype": (c.weights_dtype, tuple(WEIGHTS_DTYPES)),
+        "--weights-dtype": (c.weights_dtype, tuple(DTYPES)),
         "--loss-on": (c.loss_on, ("completion", "all")),
         "--accountant": (c.accountant, ("pld", "rdp")),
         "--privacy-unit": (c.privacy_unit, ("record", "user")),

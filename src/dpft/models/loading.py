@@ -10,7 +10,7 @@ import torch
 
 from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME, embedded_model_dir
-from dpft.models.precision import WEIGHTS_DTYPES
+from dpft.models.precision import DTYPES
 
 
 @dataclass
@@ -37,12 +37,12 @@ def load_base_model(name: str = EMBEDDED_NAME, dtype: str = "fp32") -> LoadedMod
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in WEIGHTS_DTYPES:
-        raise DpftError(f"--weights-dtype: expected one of {', '.join(WEIGHTS_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise DpftError(f"--weights-dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=WEIGHTS_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as err:  # missing path, or a hub id with no network
         raise DpftError(f"--model {name}: cannot load ({_first_line(err)})") from None
     if tokenizer.pad_token_id is None:

@@ -19,9 +19,9 @@ import torch
 
 from dpft.errors import ConfigError
 
-WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DTYPE_CHOICES = ("auto", *WEIGHTS_DTYPES)
-_NAMES = {dtype: name for name, dtype in WEIGHTS_DTYPES.items()}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --weights-dtype, and what --dtype resolves to
+DTYPE_CHOICES = ("auto", *DTYPES)
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DTYPE_HELP = (
     "Compute dtype: auto (bf16 where the hardware does it natively, else fp32), fp32 or bf16 "
     "(autocast matmuls; scores stay fp32)."
@@ -83,7 +83,7 @@ def resolve_dtype(requested: str, device: torch.device | str = "cpu") -> torch.d
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if requested == "bf16" and not native_bf16(device):
         _warn_emulated(torch.device(device).type)
-    return WEIGHTS_DTYPES[requested]
+    return DTYPES[requested]
 
 
 @functools.cache  # once per process and device type
