@@ -16,7 +16,6 @@ the model and optimizer exist, before the first step).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dpft.models.precision import DTYPES, autocast, describe_hardware, dtype_name, resolve_dtype
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.step import Budget, Mechanism, MemoryJournal, PrivacyStep
 from dpft.training.loss import example_losses
@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="hub id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--mode", choices=["lora", "full"], default="full", help="LoRA r=8 on q,v or full fine-tuning")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 = CPU autocast, fp32 weights")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="compute dtype; bf16 = CPU autocast over fp32 weights; auto = bf16 where the CPU does it natively",
+    )
     p.add_argument("--batch", type=int, default=8, help="examples per step (record-level units)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
@@ -108,7 +113,7 @@ class Variant:
 
 
 def _autocast(args: argparse.Namespace):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+    return autocast(DTYPES[args.dtype])
 
 
 def _losses(model: nn.Module, ids: Tensor, labels: Tensor, args: argparse.Namespace) -> Tensor:
@@ -297,7 +302,13 @@ def ratios(res: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = [f"{'variant':<14} {'s/step':>8} {'spread':>15} {'tok/s':>8} {'peak MB':>8} {'setup MB':>8}"]
+    hw = result["hardware"]
+    native = "native bf16" if hw["native_bf16"] else "no native bf16"
+    rows = [
+        f"ran on: CPU {hw['cpu']} ({hw['capability']}, {native}), {hw['threads']} threads, "
+        f"dtype {result['config']['dtype']}",
+        f"{'variant':<14} {'s/step':>8} {'spread':>15} {'tok/s':>8} {'peak MB':>8} {'setup MB':>8}",
+    ]
     for n, r in result["variants"].items():
         if "error" in r:
             rows.append(f"{n:<14} {r['error'][:100]}")
@@ -314,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.dtype = dtype_name(resolve_dtype(args.dtype))  # what ran, not "auto"
     if args.memory_of or args.logical_batch:  # a fresh process: no other variant's RSS counts
         res = memory_child(args) if args.memory_of else measure_memory(args, argv, "dpft")
         print(json.dumps(res))
@@ -337,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
             "noise_multiplier": SIGMA,
             "torch": torch.__version__,
         },
+        "hardware": describe_hardware(),
         "load_avg_before": load,
         "load_avg_after": os.getloadavg(),
         "variants": res,

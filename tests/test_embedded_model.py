@@ -30,7 +30,6 @@ def test_few_dp_steps_then_generate(tmp_path):
         batch_size=4,
         micro_batch_size=4,
         max_length=64,
-        bf16=True,
         quiet=True,
     )
     assert report["dp"] and 0 < report["epsilon"] <= 8.0 and report["steps"] == 2

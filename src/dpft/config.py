@@ -18,6 +18,7 @@ import yaml
 from dpft.atomic_write import write_text_atomic
 from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
+from dpft.models.precision import DTYPE_CHOICES, DTYPES
 from dpft.training.schedule import SCHEDULES
 
 # Fields that describe this invocation, not the run's settings: never saved in config.yaml.
@@ -44,8 +45,15 @@ class TrainConfig:
     lora_layers: int | None = _opt(
         None, "Adapt only the last N transformer blocks (backward stops below them: faster); default all."
     )
-    dtype: str = _opt("fp32", "Weight dtype: fp32 or bf16.")
-    bf16: bool = _opt(False, "bf16 autocast for matmuls (CPU with bf16 support); norms, clipping and noise stay fp32.")
+    dtype: str = _opt(
+        "auto",
+        "Compute dtype: auto (bf16 where the hardware does it natively, else fp32), fp32 or bf16 "
+        "(autocast matmuls; norms, clipping and noise stay fp32).",
+    )
+    weights_dtype: str = _opt(
+        "fp32",
+        "Storage dtype of the weights: fp32 or bf16 (halves memory of --full; the DP noise is still added in fp32).",
+    )
     # Data encoding.
     max_length: int = _opt(128, "Maximum tokens per example; longer examples are truncated and counted.")
     loss_on: str = _opt("completion", "For prompt/completion records: 'completion' (loss on the answer) or 'all'.")
@@ -141,7 +149,8 @@ def _check_paths(c: TrainConfig) -> list[str]:
 
 def _check_choices(c: TrainConfig) -> list[str]:
     choices = {
-        "--dtype": (c.dtype, ("fp32", "bf16")),
+        "--dtype": (c.dtype, DTYPE_CHOICES),
+        "--weights-dtype": (c.weights_dtype, tuple(DTYPES)),
         "--loss-on": (c.loss_on, ("completion", "all")),
         "--accountant": (c.accountant, ("pld", "rdp")),
         "--privacy-unit": (c.privacy_unit, ("record", "user")),

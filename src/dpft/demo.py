@@ -20,6 +20,16 @@ import torch
 from dpft.config import TrainConfig
 from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME
+from dpft.models.precision import announce, autocast, describe_hardware, dtype_name, resolve_dtype
+from dpft.training.progress import format_duration
+
+MICRO_BATCH, MAX_LENGTH = 16, 96  # both runs; the time estimate measures one such micro-batch
+# The estimate's proxy is one forward and input backward through every block of the base model.
+# Per proxy, from the default demo measured on a quiet 2-core bf16 CPU (README: 9 min 36 s in all;
+# docs/performance.md: a LoRA micro-batch on the last 15 blocks 1.01 s, on all 30 blocks 1.40 s ≈ the
+# proxy): training costs ~0.75 proxy per micro-batch, the audits of both models ~0.9 per record audited.
+TRAIN_FACTOR, AUDIT_PROXIES = 0.75, 0.9
+PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
 
 
 @dataclass
@@ -33,6 +43,7 @@ class DemoOptions:
     epsilon: float = 8.0
     delta: float = 1e-5
     seed: int = 0
+    dtype: str = "auto"  # compute dtype: bf16 where the CPU does it natively, else fp32
     # Non-private: a plain fine-tune, small batches of records.
     epochs: float = 3.0
     batch_size: int = 16
@@ -51,8 +62,8 @@ class DemoOptions:
     exposure_candidates: int = 300
 
 
-def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConfig:
-    """The two fine-tunes share the model, adapters, data and loss; they differ in what DP-SGD needs."""
+def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool, dtype: str) -> TrainConfig:
+    """The two fine-tunes share the model, adapters, data, loss and dtype; they differ in what DP-SGD needs."""
     shared = dict(
         data=str(data / "train.jsonl"),
         model=o.model,
@@ -63,9 +74,9 @@ def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool) -> TrainConf
         lora_alpha=32,
         lora_targets="all-linear",
         lora_layers=o.lora_layers,
-        bf16=True,
-        max_length=96,
-        micro_batch_size=16,
+        dtype=dtype,
+        max_length=MAX_LENGTH,
+        micro_batch_size=MICRO_BATCH,
         lr_schedule="linear",
         seed=o.seed,
         checkpoint_every=0,
@@ -96,8 +107,11 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
 
     out = Path(o.output)
     data = out / "data"
+    dtype = resolve_dtype(o.dtype)  # a bad --dtype stops before anything is written
     _claim_output(out, o)
+    announce(dtype)
     t0 = time.perf_counter()
+    _phase(0, t0)
     manifest = synth_medical(
         data,
         patients=o.patients,
@@ -108,18 +122,26 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     )
     conditions = [c["name"] for c in manifest["conditions"]]
     members, holdout, canaries = (_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
-    reference = load_base_model(o.model).model
-    models: dict[str, dict[str, Any]] = {}
-    for name, dp in (("non-private", False), ("dp", True)):
+    reference = load_base_model(o.model)
+    print(f"estimate: {_estimate(o, reference, data, members, dtype)}", flush=True)
+    privacy = {}
+    for phase, (name, dp) in enumerate((("non-private", False), ("dp", True)), 1):
+        _phase(phase, t0)
         run = out / "runs" / name
-        privacy = _train_or_reuse(demo_config(o, data, run, dp), run, train)
-        models[name] = {"privacy": privacy, "metrics": _jsonl(run / "metrics.jsonl")}
-        models[name] |= _assess(o, run, privacy, members, holdout, canaries, conditions, reference)
+        privacy[name] = _train_or_reuse(demo_config(o, data, run, dp, dtype_name(dtype)), run, train)
+    _phase(3, t0)
+    models: dict[str, dict[str, Any]] = {}
+    for name in privacy:
+        run = out / "runs" / name
+        models[name] = {"privacy": privacy[name], "metrics": _jsonl(run / "metrics.jsonl")}
+        models[name] |= _assess(o, run, privacy[name], members, holdout, canaries, conditions, reference.model, dtype)
+        models[name]["dtype"] = _ran_dtype(run, models[name]["dtype"])
+    _phase(4, t0)
     write_report(
         out / "report.html",
         {
             "title": "dpft demo: a plain fine-tune leaks, a DP fine-tune does not",
-            "notes": _notes(o),
+            "notes": _notes(o, dtype),
             "models": models,
         },
     )
@@ -127,11 +149,56 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     np_match, dp_match = (models[n]["utility"]["exact_match"]["full"] for n in ("non-private", "dp"))
     if np_match:
         print(f"DP / non-private full-answer exact match: {dp_match / np_match:.2f}")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s → {out / 'report.html'}")
+    print(f"demo finished in {format_duration(time.perf_counter() - t0)} → {out / 'report.html'}")
     return models
 
 
-def _notes(o: DemoOptions) -> list[str]:
+def _phase(index: int, t0: float) -> None:
+    """A line as each phase starts; the gaps between the lines are each phase's time."""
+    elapsed = format_duration(time.perf_counter() - t0)
+    print(f"[{index + 1}/{len(PHASES)}] {PHASES[index]} (elapsed {elapsed})", flush=True)
+
+
+def _estimate(o: DemoOptions, reference, data: Path, members: list[dict], dtype: torch.dtype) -> str:
+    """The demo's time, from one measured micro-batch: a CPU without native bf16 must not surprise."""
+    proxy = _time_micro_batch(reference, data, o.loss_on, dtype)
+    patients = len({r["user_id"] for r in members})
+    examples = o.epochs * len(members) + o.dp_epochs * patients * o.dp_records_per_patient
+    train_s = TRAIN_FACTOR * proxy * examples / MICRO_BATCH
+    audit_s = AUDIT_PROXIES * proxy * (o.audit_records + o.utility_records)
+    return (
+        f"about {format_duration(train_s + audit_s)} in all: training {format_duration(train_s)}, "
+        f"audits {format_duration(audit_s)} (one {MICRO_BATCH}-record micro-batch: {proxy:.2f} s)"
+    )
+
+
+def _time_micro_batch(loaded, data: Path, loss_on: str, dtype: torch.dtype) -> float:
+    """Seconds of one forward and input backward of the first training records, in the run's dtype."""
+    from dpft.data import collate, encode_records, read_records
+    from dpft.training.loss import example_losses
+
+    records = read_records(str(data / "train.jsonl"))[:MICRO_BATCH]
+    examples = encode_records(records, loaded.tokenizer, MAX_LENGTH, "record", loss_on).examples
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    # Gradients to the input only: the reference model's weights must get no .grad.
+    embeds = loaded.model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+    seconds = float("inf")
+    for _ in range(2):  # the first pass pays one-off kernel setup
+        start = time.perf_counter()
+        with autocast(dtype):
+            logits = loaded.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        torch.autograd.grad(example_losses(logits, batch["labels"]).sum(), embeds)
+        seconds = min(seconds, time.perf_counter() - start)
+    return seconds
+
+
+def _ran_dtype(run: Path, audit_dtype: str) -> str:
+    """The dtype each part of a model's story ran in (a reused run may predate this demo's choice)."""
+    train_dtype = TrainConfig.load(run / "config.yaml").dtype
+    return train_dtype if train_dtype == audit_dtype else f"{train_dtype} (training), {audit_dtype} (audits)"
+
+
+def _notes(o: DemoOptions, dtype: torch.dtype) -> list[str]:
     loss = (
         "loss on ALL tokens of each record (the record text is a training target, which is what lets a "
         "plain fine-tune memorise it)."
@@ -140,9 +207,13 @@ def _notes(o: DemoOptions) -> list[str]:
         "records, learned whole)."
     )
     blocks = f"the last {o.lora_layers} blocks" if o.lora_layers else "every block"
+    hw = describe_hardware()
+    native = "native bf16" if hw["native_bf16"] else "no native bf16"
     return [
-        f"Both models: {o.model}, LoRA r=16 on all linear layers of {blocks}, bf16 autocast, Poisson sampling, "
+        f"Both models: {o.model}, LoRA r=16 on all linear layers of {blocks}, Poisson sampling, "
         f"linear learning-rate decay, {loss}",
+        f"Compute dtype: {_dtype_words(dtype)} (--dtype {o.dtype}), on CPU {hw['cpu']} ({hw['capability']}, {native}, "
+        f"{hw['threads']} threads); the summary table gives the dtype each model actually ran in.",
         f"Non-private: a plain fine-tune, {o.epochs:g} epochs over all records, expected batch {o.batch_size} "
         f"records, lr {o.lr:g}; no clipping, no noise.",
         f"DP: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (each person, patient or canary owner, "
@@ -157,7 +228,13 @@ def _notes(o: DemoOptions) -> list[str]:
     ]
 
 
-def _assess(o: DemoOptions, run: Path, privacy: dict, members, holdout, canaries, conditions, reference) -> dict:
+def _dtype_words(dtype: torch.dtype) -> str:
+    return "bf16 autocast (norms, clipping and noise in fp32)" if dtype == torch.bfloat16 else "fp32"
+
+
+def _assess(
+    o: DemoOptions, run: Path, privacy: dict, members, holdout, canaries, conditions, reference, dtype: torch.dtype
+) -> dict:
     """Utility on held-out records and the full audit; reused when the run was assessed already."""
     from dpft.audit import evaluate_utility, run_audit
     from dpft.models import load_run_model
@@ -166,9 +243,10 @@ def _assess(o: DemoOptions, run: Path, privacy: dict, members, holdout, canaries
     if done.is_file():
         return json.loads(done.read_text())
     trained = load_run_model(run)
-    # bf16 matmuls halve the audit's CPU time; scores are still computed in fp32 from the logits.
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # Native bf16 halves the audit's CPU time; scores are still computed in fp32 from the logits.
+    with autocast(dtype):
         result = {
+            "dtype": dtype_name(dtype),
             "utility": evaluate_utility(trained.model, trained.tokenizer, _sample(holdout, o.utility_records, o.seed)),
             "audit": run_audit(
                 trained.model,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dpft.models.precision import autocast
+
 
 @torch.inference_mode()
 def generate_text(
@@ -16,8 +18,12 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
-    """Continue `prompt` as raw text, or answer `chat` through the tokenizer's chat template."""
+    """Continue `prompt` as raw text, or answer `chat` through the tokenizer's chat template.
+
+    `dtype` is the compute dtype (`precision.resolve_dtype`): bf16 autocasts the matmuls.
+    """
     if chat is not None:
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": chat}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -26,13 +32,14 @@ def generate_text(
         enc = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(seed)
     sampling = temperature > 0
-    out = model.eval().generate(
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    with autocast(dtype):
+        out = model.eval().generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -6,12 +6,12 @@ Shared by `dpft audit` / `dpft evaluate` and the Python API (`dpft.audit`, `dpft
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from dpft.errors import ConfigError, DataError
+from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
 
 
 def load_target(run: str | None, model: str | None):
@@ -60,14 +60,16 @@ def run_privacy(run: str | None) -> dict | None:
 
 
 def evaluate(
-    data: str, run: str | None = None, model: str | None = None, batch_size: int = 16, bf16: bool = False
+    data: str, run: str | None = None, model: str | None = None, batch_size: int = 16, dtype: str = "auto"
 ) -> dict:
-    """Task utility of a model on held-out prompt/completion records."""
+    """Task utility of a model on held-out prompt/completion records; `dtype` names the compute dtype that ran."""
     from dpft.audit.utility import evaluate_utility
 
+    compute = _compute_dtype(dtype)
     target = load_target(run, model)
-    with _autocast(bf16):
-        return evaluate_utility(target.model, target.tokenizer, read_dicts(data), batch_size=batch_size)
+    with autocast(compute):
+        result = evaluate_utility(target.model, target.tokenizer, read_dicts(data), batch_size=batch_size)
+    return result | {"dtype": dtype_name(compute)}
 
 
 def audit(
@@ -82,22 +84,26 @@ def audit(
     max_records: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
-    bf16: bool = False,
+    dtype: str = "auto",
 ) -> dict:
     """Audit a model against member and non-member files; writes audit.json and report.html in `output`.
 
+    Args:
+        dtype: compute dtype, auto (bf16 where the hardware does it natively, else fp32), fp32 or bf16.
+
     Returns:
-        The audit (audit.json content).
+        The audit (audit.json content), with the compute dtype that ran under "dtype".
     """
     from dpft.audit.report import write_report
     from dpft.audit.runner import run_audit
     from dpft.models import load_base_model
 
+    compute = _compute_dtype(dtype)
     target = load_target(run, model)
     privacy = run_privacy(run)
     ref_name = reference or (_base_model_of(run) if run else None)
     ref = load_base_model(ref_name).model if ref_name else None
-    with _autocast(bf16):
+    with autocast(compute):
         result = run_audit(
             target.model,
             target.tokenizer,
@@ -111,20 +117,26 @@ def audit(
             seed=seed,
             theoretical_epsilon=privacy.get("epsilon") if privacy else None,
             delta=privacy.get("delta") if privacy else None,
-        )
+        ) | {"dtype": dtype_name(compute)}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(result, indent=2))
     name = Path(run).name if run else str(model)
     write_report(
-        out / "report.html", {"title": f"dpft audit: {name}", "models": {name: {"audit": result, "privacy": privacy}}}
+        out / "report.html",
+        {
+            "title": f"dpft audit: {name}",
+            "models": {name: {"audit": result, "privacy": privacy, "dtype": result["dtype"]}},
+        },
     )
     return result
 
 
-def _autocast(bf16: bool):
-    # bf16 matmuls halve CPU time; every score is still computed in fp32 from the logits.
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+def _compute_dtype(requested: str) -> torch.dtype:
+    """Native bf16 halves CPU time (every score is still computed in fp32 from the logits); emulated, it is ~70x slower."""
+    dtype = resolve_dtype(requested)
+    announce(dtype)
+    return dtype
 
 
 def _base_model_of(run: str) -> str | None:

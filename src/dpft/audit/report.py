@@ -29,7 +29,8 @@ def write_report(path, sections: dict) -> None:
         sections: {"title": optional str, "notes": optional list of str (plain-text paragraphs
             under the title, e.g. the training setting), "models": {name: {"audit": run_audit output,
             "utility": evaluate_utility output, "metrics": list of metrics.jsonl rows
-            (with "step" and "loss" and/or "epsilon"), "privacy": privacy.json content}}};
+            (with "step" and "loss" and/or "epsilon"), "privacy": privacy.json content, "dtype": the
+            compute dtype the model ran in, e.g. "fp32"}}};
             any part may be missing and its cells then read "n/a".
 
     Returns:
@@ -111,6 +112,7 @@ def _summary(models: dict) -> str:
             _get(m, "utility", "exact_match", "full"),
             _get(m, "audit", "extraction", "advantage"),
             _get(m, "audit", "mia", "loss", "auc"),
+            _get(m, "dtype"),
         ]
         for name, m in models.items()
     ]
@@ -125,6 +127,7 @@ def _summary(models: dict) -> str:
                 "task exact match",
                 "extraction advantage",
                 "MIA AUC (loss)",
+                "compute dtype",
             ],
             rows,
         ),

@@ -7,6 +7,7 @@ import json
 import typer
 
 from dpft.cli.errors import handles_errors
+from dpft.models.precision import DTYPE_HELP
 
 
 def evaluate(
@@ -14,13 +15,13 @@ def evaluate(
     model: str | None = typer.Option(None, "--model", help="Or any model id/path."),
     data: str = typer.Option(..., "--data", help="Held-out prompt/completion records."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (faster on CPU; scores stay fp32)."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Task utility on held-out records: per-field and full exact match, valid format, loss."""
     from dpft.audit.api import evaluate as run_evaluate
 
-    result = run_evaluate(data, run=run, model=model, batch_size=batch_size, bf16=bf16)
+    result = run_evaluate(data, run=run, model=model, batch_size=batch_size, dtype=dtype)
     if json_out:
         print(json.dumps(result))
         return
@@ -28,7 +29,7 @@ def evaluate(
     print(
         f"records {result['records']}  exact match: full {em['full']:.1%}, last_name {em['last_name']:.1%}, "
         f"condition {em['condition']:.1%}  valid format {result['valid_format']:.1%}  "
-        f"loss {result['loss']:.3f}  perplexity {result['perplexity']:.2f}"
+        f"loss {result['loss']:.3f}  perplexity {result['perplexity']:.2f}  ({result['dtype']})"
     )
 
 
@@ -46,7 +47,7 @@ def audit(
     max_records: int | None = typer.Option(None, "--max-records", help="Cap on members and non-members scored."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed of subsampling, candidates and bootstraps."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (faster on CPU; scores stay fp32)."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print audit.json."),
 ) -> None:
     """Measure what a model leaks: extraction, canary exposure, membership inference, one-run ε bound."""
@@ -67,7 +68,7 @@ def audit(
         max_records=max_records,
         batch_size=batch_size,
         seed=seed,
-        bf16=bf16,
+        dtype=dtype,
     )
     if json_out:
         print(json.dumps(result))
@@ -75,7 +76,7 @@ def audit(
     from dpft.cli.summary import print_summary
 
     name = Path(run).name if run else str(model)
-    print_summary({name: {"audit": result, "privacy": run_privacy(run)}})
+    print_summary({name: {"audit": result, "privacy": run_privacy(run), "dtype": result["dtype"]}})
     print(f"→ {Path(output) / 'audit.json'}, {Path(output) / 'report.html'}")
 
 

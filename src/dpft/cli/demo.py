@@ -6,6 +6,7 @@ import typer
 
 from dpft.cli.errors import handles_errors
 from dpft.demo import DemoOptions
+from dpft.models.precision import DTYPE_HELP
 
 _D = DemoOptions()
 
@@ -19,6 +20,7 @@ def demo(
     loss_on: str = typer.Option(_D.loss_on, "--loss-on", help="'all' (the record text is a target) or 'completion'."),
     epsilon: float = typer.Option(_D.epsilon, "--epsilon", help="Target ε of the DP model (patient-level)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seed of data, sampling and noise."),
+    dtype: str = typer.Option(_D.dtype, "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
     from dpft.demo import run_demo
@@ -33,6 +35,7 @@ def demo(
             loss_on=loss_on,
             epsilon=epsilon,
             seed=seed,
+            dtype=dtype,
         )
     )
 

@@ -11,6 +11,7 @@ import typer
 
 from dpft.cli.errors import handles_errors
 from dpft.cli.train import train_command
+from dpft.models.precision import DTYPE_HELP
 
 app = typer.Typer(
     name="dpft",
@@ -74,15 +75,19 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     base: bool = typer.Option(False, "--base", help="Treat --run as a plain model id or path, not a run directory."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Generate from a trained run (or any model with --base)."""
     from dpft.errors import ConfigError
     from dpft.generate import generate_text
     from dpft.models import load_base_model, load_run_model
+    from dpft.models.precision import announce, resolve_dtype
 
     if (prompt is None) == (chat is None):
         raise ConfigError(["give exactly one of --prompt or --chat"])
+    compute = resolve_dtype(dtype)
+    announce(compute)
     loaded = load_base_model(run) if base else load_run_model(run)
     text = generate_text(
         loaded.model,
@@ -93,6 +98,7 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        dtype=compute,
     )
     print(json.dumps({"completion": text}) if json_out else text)
 

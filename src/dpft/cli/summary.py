@@ -23,7 +23,7 @@ def _get(d: dict | None, *keys: str) -> Any:
 
 
 def print_summary(models: dict[str, dict]) -> None:
-    """One column per model: guarantee, utility, extraction, MIA, exposure, empirical ε."""
+    """One column per model: guarantee, utility, extraction, MIA, exposure, empirical ε, dtype."""
     table = Table(title="dpft: what each model leaks")
     table.add_column("metric")
     for name in models:
@@ -40,6 +40,7 @@ def print_summary(models: dict[str, dict]) -> None:
         ("canary exposure, 16 reps", lambda m: _fmt(_exposure(m, "16"))),
         ("canary exposure, never inserted", lambda m: _fmt(_exposure(m, "0"))),
         ("empirical ε lower bound", lambda m: _fmt(_get(m, "audit", "one_run", "epsilon_lower_bound"))),
+        ("compute dtype (what ran)", lambda m: _get(m, "dtype") or "n/a"),
     ]
     for label, cell in rows:
         table.add_row(label, *(cell(m) for m in models.values()))

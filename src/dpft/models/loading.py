@@ -10,8 +10,7 @@ import torch
 
 from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME, embedded_model_dir
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from dpft.models.precision import DTYPES
 
 
 @dataclass
@@ -29,13 +28,17 @@ def resolve_model_path(name: str) -> str:
 def load_base_model(name: str = EMBEDDED_NAME, dtype: str = "fp32") -> LoadedModel:
     """Load a causal LM by hub id, local path, or the embedded name `smollm2-135m-instruct`.
 
+    Args:
+        dtype: the weights' storage dtype (`--weights-dtype`), fp32 or bf16; the compute dtype is
+            `precision.resolve_dtype`'s business.
+
     Raises:
         DpftError: unknown dtype, or a model that cannot be found or loaded (no hub access here).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
-        raise DpftError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        raise DpftError(f"--weights-dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -31,6 +31,7 @@ from dpft.data.encode import Example
 from dpft.errors import ConfigError, DpftError
 from dpft.hashing import sha256_file
 from dpft.models import load_base_model, with_lora
+from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
 from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, max_steps
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
@@ -71,6 +72,7 @@ class Run:
     budget: DatasetBudget
     planned_steps: int
     stats: dict[str, int]
+    dtype: torch.dtype  # the compute dtype (autocast); config.dtype holds its name
     steps_done: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # private: realised Poisson draws
 
@@ -79,9 +81,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tune and return its privacy report (privacy.json content)."""
     run = setup(config)
     c = run.config
+    announce(run.dtype)  # after every check in setup: an error stays the only line
     stop_reason = "completed the planned steps"
     run.model.train()
-    with Progress(run.planned_steps, c.epsilon if not c.no_dp else None, quiet=c.quiet) as progress:
+    label = "plain fine-tune" if c.no_dp else "DP fine-tune"
+    with Progress(run.planned_steps, c.epsilon if not c.no_dp else None, quiet=c.quiet, label=label) as progress:
         for t in range(run.steps_done, run.planned_steps):
             if not run.step.within_budget():
                 stop_reason = f"stopped at the privacy budget: one more step would exceed ε = {c.epsilon}"
@@ -107,8 +111,7 @@ def _train_step(run: Run, t: int) -> None:
     losses = []
     for examples, unit_index in run.units.micro_batches(units, c.micro_batch_size):
         batch = collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else torch.autocast("cpu", enabled=False)
-        with autocast:
+        with autocast(run.dtype):
             logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         per_example = example_losses(logits, batch["labels"])
         run.step.backward(per_example, unit_index)
@@ -133,10 +136,12 @@ def setup(config: TrainConfig) -> Run:
     """Validate, read and encode the data, load the model, plan σ, and build every part of the run."""
     paths, config, seed = _open_run(config) if config.resume else (None, config, config.unsafe_seed)
     config.validate()
+    dtype = resolve_dtype(config.dtype)
+    config = replace(config, dtype=dtype_name(dtype))  # config.yaml records what runs; a resume runs the same
     torch.manual_seed(config.seed)  # the adapters' initialisation: public, never the DP randomness
     randomness = Randomness.secure() if seed is None else Randomness.unsafe_seeded(seed)
     records = read_records(config.data)
-    loaded = load_base_model(config.model, config.dtype)
+    loaded = load_base_model(config.model, config.weights_dtype)
     data = encode_records(records, loaded.tokenizer, config.max_length, config.privacy_unit, config.loss_on)
     cap = config.max_records_per_user if config.privacy_unit == "user" else None
     units = PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness)
@@ -169,7 +174,7 @@ def setup(config: TrainConfig) -> Run:
     }
     run = Run(
         config, paths, model, loaded.tokenizer, data.examples, units, randomness,
-        PoissonSampler(len(units), q, randomness), journal, step, optimizer, budget, planned, stats,
+        PoissonSampler(len(units), q, randomness), journal, step, optimizer, budget, planned, stats, dtype,
     )  # fmt: skip
     if config.resume:
         _restore(run)

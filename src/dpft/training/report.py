@@ -37,6 +37,8 @@ def privacy_report(run: Any, stop_reason: str) -> dict[str, Any]:
         "max_records_per_user": c.max_records_per_user if c.privacy_unit == "user" else None,
         "num_units": len(run.units),
         "randomness": run.randomness.mode,
+        "dtype": c.dtype,
+        "weights_dtype": c.weights_dtype,
         "stop_reason": stop_reason,
     }
     if m.dp and sampling_p_value(run) < SAMPLING_P_MIN:
