@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpft.data.encode import encode_opening
+from dpft.data.encode import ENCODERS, IGNORE_INDEX, encode_opening
+from dpft.data.records import Record
 from dpft.errors import DpftError
 
 # A pass over cached tails, or one greedy decoding step, runs a few tokens per row instead of a
@@ -37,6 +38,28 @@ def encode(tokenizer, text: str) -> list[int]:
     return encode_opening(tokenizer, text)
 
 
+def encode_as_trained(tokenizer, fields: dict) -> tuple[list[int], int]:
+    """Ids of a record exactly as training encodes it, and where its loss starts.
+
+    Uses the training encoder itself (`dpft.data.encode.ENCODERS`), so what the audit scores
+    is what the model was trained on, for any record format.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (with an eos token; a chat template for chat records).
+        fields: the record's fields: prompt and completion, text, or messages.
+
+    Returns:
+        (ids, start): the untruncated training ids, and the position of the first token that
+        training puts a loss on (with the default --loss-on completion).
+
+    Raises:
+        DataError: if a chat template fails on the record.
+    """
+    record = Record(fields, "<audit>", 0)
+    ids, labels = ENCODERS[record.kind](record, tokenizer, "completion")
+    return ids, next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
 def encode_record(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
     """Ids of a prompt/completion record as trained, and where the completion starts.
 
@@ -48,9 +71,7 @@ def encode_record(tokenizer, prompt: str, completion: str) -> tuple[list[int], i
     Returns:
         (ids, start) with ids = tok(prompt) + tok(completion) + [eos] and start = len(tok(prompt)).
     """
-    head = encode(tokenizer, prompt)
-    tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    return head + tail + [tokenizer.eos_token_id], len(head)
+    return encode_as_trained(tokenizer, {"prompt": prompt, "completion": completion})
 
 
 def _pad_id(tokenizer) -> int:
