@@ -17,7 +17,8 @@ Two upper bounds on ε, both valid for the same mechanism at the same δ:
 one); ``accountant="rdp"`` reports RDP alone. `EpsilonBound.method` says which one it is.
 Measured (δ=1e-5): q=0.01, σ=4, T=10^4: PLD 0.9469, RDP 1.0355; q=1e-4, σ=2, T=10^6: PLD 0.1720,
 RDP 0.1925 (the former fixed 5e-4 grid gave 0.4935); q=1e-4, σ=1, T=10^7: RDP 1.764 wins over
-PLD 2.702. An ε costs 0.03-0.7 s for q in [1e-6, 1], σ in [1e-3, 30], T ≤ 10^7.
+PLD 2.702. A first ε for a new (q, σ) took ≤ 1.3 s (median 0.14 s) over 210 cases with q in
+[1e-6, 1], σ in [1e-3, 30], T ≤ 10^7, at ≤ 0.2 GB.
 """
 
 from __future__ import annotations
