@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from dpft.audit import evaluate_utility, run_audit
 from dpft.audit.exposure import canary_exposures
-from dpft.audit.scoring import encode, encode_record, greedy_generate, token_logprobs
+from dpft.audit.scoring import encode_record, greedy_generate, token_logprobs
+from dpft.data.encode import encode_opening
 from dpft.errors import DpftError
 from helpers import tiny_llama
 
@@ -72,7 +73,7 @@ def memorised():
 
 def memorise(model, tok, texts: list[str], steps: int):
     """Fit the model to the given token sequences (full loss), the way training would."""
-    seqs = [[*encode(tok, t), tok.eos_token_id] for t in texts]
+    seqs = [[*encode_opening(tok, t), tok.eos_token_id] for t in texts]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
     mask = (torch.arange(width) < torch.tensor([[len(s)] for s in seqs])).long()
@@ -89,7 +90,7 @@ def memorise(model, tok, texts: list[str], steps: int):
 
 def test_left_padded_batch_generation_equals_one_by_one(tok):
     model = tiny_llama()
-    prompts = [encode(tok, p) for p in ["ab", "a much longer prompt", "xyz q"]]
+    prompts = [encode_opening(tok, p) for p in ["ab", "a much longer prompt", "xyz q"]]
     batched = greedy_generate(model, tok, prompts, batch_size=3, max_new_tokens=6)
     single = [greedy_generate(model, tok, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
     assert batched == single

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import multiprocessing
 
 import pytest
 
-from dpft.errors import BudgetExceededError
-from dpft.ledger import BudgetLedger, RunEntry, fingerprint_file, fingerprint_records
-from dpft.privacy.accounting import PrivacyAccountant
+from dpft.errors import BudgetExceededError, ConfigError, DpftError
+from dpft.hashing import sha256_file
+from dpft.ledger import BudgetLedger, RunEntry
+from dpft.privacy.accounting import Segment, epsilon_of
 
 DELTA = 1e-5
 
 
 def dp_entry(run_id: str, segments, epsilon: float | None = 1.0, delta: float = DELTA):
+    segments = tuple(Segment(*s) for s in segments)
     return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", True, epsilon, delta, "pld", segments)
 
 
 def plain_entry(run_id: str) -> RunEntry:
-    return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", False, None, None, None, [])
+    return RunEntry(run_id, f"runs/{run_id}", "2025-01-01T00:00:00+00:00", False, None, None, None, ())
 
 
 def composed(segments) -> float:
-    accountant = PrivacyAccountant()
-    for q, sigma, count in segments:
-        accountant.step(q, sigma, count)
-    return accountant.epsilon(DELTA)
+    return epsilon_of(segments, DELTA)
 
 
 def test_round_trip(tmp_path):
@@ -58,7 +59,33 @@ def test_total_is_the_composition_of_all_segments(tmp_path):
     assert spend.method == "composed" and spend.epsilon == pytest.approx(expected, rel=1e-9)
     # Tighter than adding each run's ε: that is the point of keeping segments.
     assert expected < composed(runs[0]) + composed(runs[1])
-    assert ledger.spent("other", DELTA) == 0.0
+    assert ledger.spend("other", DELTA).epsilon == 0.0
+
+
+def test_total_is_not_the_last_run_nor_the_current_rate(tmp_path):
+    # Mutations of the composition: only the last run's segments, or every step at the last
+    # (q, σ), must not pass for the total.
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+    runs = [[(0.05, 0.8, 400)], [(0.01, 2.0, 100)]]
+    for i, segments in enumerate(runs):
+        ledger.record_run("fp", dp_entry(f"r{i}", segments))
+    total = ledger.spend("fp", DELTA).epsilon
+    assert total == pytest.approx(composed(runs[0] + runs[1]), rel=1e-12)
+    assert total > 1.5 * composed(runs[1])
+    assert total > 1.5 * composed([(0.01, 2.0, 500)])
+
+
+def test_invalid_entries_are_refused_as_user_errors(tmp_path):
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+    with pytest.raises(ConfigError, match="segments or its"):
+        ledger.record_run("fp", dp_entry("a", [], epsilon=None))
+    with pytest.raises(ConfigError, match="--sample-rate"):
+        ledger.record_run("fp", dp_entry("b", [(1.5, 1.0, 10)]))
+    with pytest.raises(ConfigError, match="--steps"):
+        ledger.record_run("fp", dp_entry("c", [(0.1, 1.0, -1)]))
+    with pytest.raises(DpftError, match="epsilon"):
+        ledger.record_run("fp", dp_entry("d", [], epsilon=math.nan))
+    assert ledger.history("fp") == []
 
 
 def test_runs_without_segments_use_basic_composition(tmp_path):
@@ -75,7 +102,7 @@ def test_non_private_run_exposes_the_dataset(tmp_path):
     ledger = BudgetLedger(tmp_path / "l.sqlite")
     ledger.record_run("fp", dp_entry("a", [(0.01, 1.0, 10)]))
     ledger.record_run("fp", plain_entry("b"))
-    assert ledger.spent("fp", DELTA) == math.inf
+    assert ledger.spend("fp", DELTA).epsilon == math.inf
     with pytest.raises(BudgetExceededError, match="--no-dp"):
         ledger.check_budget("fp", [(0.01, 1.0, 1)], DELTA, dataset_budget=100.0)
 
@@ -93,23 +120,25 @@ def test_check_budget(tmp_path):
 
 def test_no_training_text_is_stored(tmp_path):
     secret = "Alice's SSN is 078-05-1120"
-    records = [{"prompt": secret, "completion": "ok"}]
-    fp = fingerprint_records(records)
-    ledger = BudgetLedger(tmp_path / "l.sqlite")
-    ledger.record_run(fp, dp_entry("a", [(0.01, 1.0, 10)]))
-    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"prompt": secret, "completion": "ok"}) + "\n")
+    ledger = BudgetLedger(tmp_path / "ledger" / "l.sqlite")
+    ledger.record_run(sha256_file(data), dp_entry("a", [(0.01, 1.0, 10)]))
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "ledger").iterdir())
     assert secret.encode() not in stored and b"078-05-1120" not in stored
 
 
-def test_fingerprints(tmp_path):
+def test_sha256_file(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"text": "a"}\n')
     other = tmp_path / "other.jsonl"
     other.write_bytes(b'{"text": "b"}\n')
-    assert fingerprint_file(path) != fingerprint_file(other)
-    assert len(fingerprint_file(path)) == 64
-    assert fingerprint_records([{"a": 1, "b": 2}]) == fingerprint_records([{"b": 2, "a": 1}])
-    assert fingerprint_records([{"a": 1}]) != fingerprint_records([{"a": 2}])
+    assert sha256_file(path) == hashlib.sha256(b'{"text": "a"}\n').hexdigest()
+    assert sha256_file(path) != sha256_file(other)
+    big = tmp_path / "big.bin"  # several read chunks
+    big.write_bytes(bytes(range(256)) * 20_000)
+    assert sha256_file(big) == hashlib.sha256(big.read_bytes()).hexdigest()
 
 
 def write_many(path: str, worker: int, count: int) -> None:

@@ -1,10 +1,10 @@
 """The privacy budget ledger: every run that touched a dataset, and the ε they spent together.
 
 A SQLite file (``~/.cache/dpft/ledger.sqlite``, or ``$DPFT_LEDGER``, or an explicit path) keyed
-by a dataset fingerprint, the sha256 of the training file or of its records. Each entry holds
-numbers, ids and paths only, never training text. DP entries keep their accountant history,
-(q, σ, count) segments, so the total over all runs is the exact composition of all segments at
-the δ asked for (valid whatever δ each run reported). Entries without segments can only be
+by a dataset fingerprint, the sha256 of the training file (`dpft.hashing.sha256_file`). Each
+entry holds numbers, ids and paths only, never training text. DP entries keep their privacy
+journal as `Segment` s, so the total over all runs is `epsilon_of` all their segments at the δ
+asked for (valid whatever δ each run reported). Entries without segments can only be
 added by basic composition (ε and δ summed), and a non-private run exposes the dataset (ε = ∞).
 """
 
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dpft.errors import BudgetExceededError
-from dpft.privacy.accounting import PrivacyAccountant
-
-Segment = tuple[float, float, int]
+from dpft.errors import BudgetExceededError, ConfigError
+from dpft.privacy.accounting import Segment, epsilon_of, merge_segments
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -46,7 +43,7 @@ _BUSY_TIMEOUT_MS = 60_000
 
 @dataclasses.dataclass(frozen=True)
 class RunEntry:
-    """One run on a dataset. `segments` is the run's accountant history (empty if not DP)."""
+    """One run on a dataset. `segments` is the run's privacy journal (empty if not DP)."""
 
     run_id: str
     output: str
@@ -55,7 +52,7 @@ class RunEntry:
     epsilon: float | None
     delta: float | None
     accountant: str | None
-    segments: list[Segment]
+    segments: tuple[Segment, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,24 +72,6 @@ class Spend:
 def default_path() -> Path:
     """$DPFT_LEDGER if set, else ~/.cache/dpft/ledger.sqlite."""
     return Path(os.environ.get("DPFT_LEDGER") or Path.home() / ".cache" / "dpft" / "ledger.sqlite")
-
-
-def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a training file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fingerprint_records(records: Iterable[dict]) -> str:
-    """sha256 (hex) of the records' canonical JSON (sorted keys, one record per line)."""
-    digest = hashlib.sha256()
-    for record in records:
-        line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        digest.update(line.encode() + b"\n")
-    return digest.hexdigest()
 
 
 class BudgetLedger:
@@ -124,10 +103,10 @@ class BudgetLedger:
         includes every earlier step, so the latest entry is the whole run).
 
         Raises:
-            ValueError: If a DP entry has neither segments nor (ε, δ).
+            ConfigError: If the entry's segments are invalid, or a DP entry has neither
+                segments nor (ε, δ); nothing is recorded then.
         """
-        if entry.dp and not entry.segments and (entry.epsilon is None or entry.delta is None):
-            raise ValueError("a DP run needs its accountant segments or its (epsilon, delta)")
+        _check_entry(entry)
         segments = json.dumps([[float(q), float(s), int(n)] for q, s, n in entry.segments])
         row = (
             fingerprint,
@@ -167,7 +146,7 @@ class BudgetLedger:
                 epsilon,
                 delta,
                 accountant,
-                [(q, s, n) for q, s, n in json.loads(segments)],
+                tuple(Segment(q, s, n) for q, s, n in json.loads(segments)),
             )
             for run_id, output, created, dp, epsilon, delta, accountant, segments in rows
         ]
@@ -176,7 +155,7 @@ class BudgetLedger:
         self,
         fingerprint: str,
         delta: float,
-        planned: list[Segment] | None = None,
+        planned: Sequence[Segment] = (),
         accountant: str = "pld",
     ) -> Spend:
         """The budget spent on a dataset (plus a planned run's segments), and the method used.
@@ -196,23 +175,17 @@ class BudgetLedger:
         entries = self.history(fingerprint)
         if any(not e.dp for e in entries):
             return Spend(math.inf, delta, "exposed")
-        composed = PrivacyAccountant(accountant)
-        for q, sigma, count in [s for e in entries for s in e.segments] + list(planned or []):
-            composed.step(q, sigma, count)
-        epsilon = composed.epsilon(delta)
+        segments = merge_segments([s for e in entries for s in e.segments] + list(planned))
+        epsilon = epsilon_of(segments, delta, accountant)
         bare = [e for e in entries if not e.segments]
         if bare:
             return Spend(epsilon + sum(e.epsilon for e in bare), delta + sum(e.delta for e in bare), "basic")
-        return Spend(epsilon, delta, "composed" if composed.steps else "none")
-
-    def spent(self, fingerprint: str, delta: float) -> float:
-        """Composed ε of every run on the dataset at δ (∞ if a non-private run exposed it)."""
-        return self.spend(fingerprint, delta).epsilon
+        return Spend(epsilon, delta, "composed" if segments else "none")
 
     def check_budget(
         self,
         fingerprint: str,
-        planned: list[Segment],
+        planned: Sequence[Segment],
         delta: float,
         dataset_budget: float,
         accountant: str = "pld",
@@ -231,6 +204,7 @@ class BudgetLedger:
 
         Raises:
             BudgetExceededError: If the total would exceed `dataset_budget`.
+            ConfigError: On invalid segments, δ or accountant.
         """
         before = self.spend(fingerprint, delta, accountant=accountant)
         after = self.spend(fingerprint, delta, planned, accountant)
@@ -246,3 +220,17 @@ class BudgetLedger:
                 f"δ = {after.delta:g}), over --dataset-budget {dataset_budget:g}"
             )
         return after.epsilon
+
+
+def _check_entry(entry: RunEntry) -> None:
+    """Refuse an entry the ledger could not compose later."""
+    merge_segments(entry.segments)  # raises ConfigError naming the bad q, σ or steps
+    problems = []
+    if entry.dp and not entry.segments and (entry.epsilon is None or entry.delta is None):
+        problems.append(f"run {entry.run_id}: a DP run needs its privacy journal segments or its (epsilon, delta)")
+    if entry.epsilon is not None and not entry.epsilon >= 0:
+        problems.append(f"run {entry.run_id}: epsilon must be >= 0, got {entry.epsilon}")
+    if entry.delta is not None and not 0 <= entry.delta < 1:
+        problems.append(f"run {entry.run_id}: --delta must be in [0, 1), got {entry.delta}")
+    if problems:
+        raise ConfigError(problems)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from dpft.audit.mia import bootstrap_ci
-from dpft.audit.scoring import encode, greedy_generate, suffix_logprobs
+from dpft.audit.scoring import greedy_generate, suffix_logprobs
+from dpft.data.encode import encode_opening
 
 NAME_RE = re.compile(r'^\{medical_record: "(\S+) (\S+)')
 LAST_NAME_RE = re.compile(r'last_name: "([^"]*)"')
@@ -126,7 +127,7 @@ def extraction_attack(
     """
     people = [*members, *non_members]
     texts = greedy_generate(
-        model, tokenizer, [encode(tokenizer, name_prefix(p)) for p in people], batch_size, max_new_tokens
+        model, tokenizer, [encode_opening(tokenizer, name_prefix(p)) for p in people], batch_size, max_new_tokens
     )
     hit = np.array([p["condition"].lower() in t.lower() for p, t in zip(people, texts, strict=True)])
     mem, non = hit[: len(members)].astype(float), hit[len(members) :].astype(float)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpft.data.encode import encode_opening
+from dpft.data.encode import ENCODERS, IGNORE_INDEX, encode_opening
+from dpft.data.records import Record
 from dpft.errors import DpftError
 
 # A pass over cached tails, or one greedy decoding step, runs a few tokens per row instead of a
@@ -23,18 +24,26 @@ from dpft.errors import DpftError
 LIGHT_ROWS_FACTOR = 8
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as the start of a sequence, exactly as training encodes it (BOS if the
-    tokenizer adds one, never a trailing EOS).
+def encode_as_trained(tokenizer, fields: dict) -> tuple[list[int], int]:
+    """Ids of a record exactly as training encodes it, and where its loss starts.
+
+    Uses the training encoder itself (`dpft.data.encode.ENCODERS`), so what the audit scores
+    is what the model was trained on, for any record format.
 
     Args:
-        tokenizer: a Hugging Face tokenizer.
-        text: the text to encode.
+        tokenizer: a Hugging Face tokenizer (with an eos token; a chat template for chat records).
+        fields: the record's fields: prompt and completion, text, or messages.
 
     Returns:
-        The list of token ids.
+        (ids, start): the untruncated training ids, and the position of the first token that
+        training puts a loss on (with the default --loss-on completion).
+
+    Raises:
+        DataError: if a chat template fails on the record.
     """
-    return encode_opening(tokenizer, text)
+    record = Record(fields, "<audit>", 0)
+    ids, labels = ENCODERS[record.kind](record, tokenizer, "completion")
+    return ids, next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
 
 
 def encode_record(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
@@ -48,9 +57,7 @@ def encode_record(tokenizer, prompt: str, completion: str) -> tuple[list[int], i
     Returns:
         (ids, start) with ids = tok(prompt) + tok(completion) + [eos] and start = len(tok(prompt)).
     """
-    head = encode(tokenizer, prompt)
-    tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    return head + tail + [tokenizer.eos_token_id], len(head)
+    return encode_as_trained(tokenizer, {"prompt": prompt, "completion": completion})
 
 
 def _pad_id(tokenizer) -> int:
@@ -151,8 +158,8 @@ def suffix_logprobs(
     for k, (context, suffixes) in enumerate(items):
         if not suffixes:
             continue
-        seqs = [encode(tokenizer, context + s) for s in suffixes]
-        own = encode(tokenizer, context)
+        seqs = [encode_opening(tokenizer, context + s) for s in suffixes]
+        own = encode_opening(tokenizer, context)
         shared = min(_common_prefix(own, s) for s in seqs)
         if shared == 0:
             raise DpftError("a scoring context encodes to no tokens; it must be non-empty")

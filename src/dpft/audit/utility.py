@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dpft.audit.scoring import encode, encode_record, greedy_generate, token_logprobs
+from dpft.audit.scoring import encode_record, greedy_generate, token_logprobs
+from dpft.data.encode import encode_opening
 from dpft.errors import DpftError
 
 ANSWER_RE = re.compile(r'\{last_name: "([^"]*)", condition: "([^"]*)"\}')
@@ -55,7 +56,9 @@ def evaluate_utility(
     recs = [r for r in records if r.get("prompt") and r.get("completion")]
     if not recs:
         raise DpftError("utility evaluation needs records with 'prompt' and 'completion'")
-    outs = greedy_generate(model, tokenizer, [encode(tokenizer, r["prompt"]) for r in recs], batch_size, max_new_tokens)
+    outs = greedy_generate(
+        model, tokenizer, [encode_opening(tokenizer, r["prompt"]) for r in recs], batch_size, max_new_tokens
+    )
     got = [parse_answer(o) for o in outs]
     want = [parse_answer(r["completion"]) for r in recs]
     field = {

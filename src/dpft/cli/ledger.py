@@ -21,10 +21,11 @@ def show(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """List the runs recorded for a dataset (or all), with the composed total ε."""
-    from dpft.ledger import BudgetLedger, fingerprint_file
+    from dpft.hashing import sha256_file
+    from dpft.ledger import BudgetLedger
 
     book = BudgetLedger(ledger)
-    fingerprint = fingerprint_file(data) if data else None
+    fingerprint = sha256_file(data) if data else None
     runs = [e.__dict__ for e in book.history(fingerprint)]
     out: dict = {"ledger": str(book.path), "runs": runs}
     if fingerprint:

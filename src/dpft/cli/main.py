@@ -9,6 +9,7 @@ import warnings
 
 import typer
 
+from dpft.cli import audit, data, demo, ledger
 from dpft.cli.errors import handles_errors
 from dpft.cli.train import train_command
 from dpft.models.precision import DTYPE_HELP
@@ -36,31 +37,35 @@ def account(
     accountant: str = typer.Option("pld", "--accountant", help="pld or rdp."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """ε for (q, σ, steps, δ), or the σ that reaches a target ε."""
+    """ε for (q, σ, steps, δ), or the σ that reaches a target ε.
+
+    With --accountant pld, ε is the smaller of two upper bounds, PLD and RDP; the output says
+    which one it is ("bound"), and --json gives both.
+    """
     from dpft.errors import ConfigError
-    from dpft.privacy.accounting import calibrate_noise, compute_epsilon
+    from dpft.privacy.accounting import Segment, calibrate_noise, epsilon_bound
 
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ConfigError(["give exactly one of --noise-multiplier or --target-epsilon"])
-    out = {"sample_rate": sample_rate, "steps": steps, "delta": delta, "accountant": accountant}
-    if noise_multiplier is not None:
-        out |= {
-            "noise_multiplier": noise_multiplier,
-            "epsilon": compute_epsilon(sample_rate, noise_multiplier, steps, delta, accountant),
-        }
-    else:
-        sigma = calibrate_noise(sample_rate, steps, delta, target_epsilon, accountant)
-        out |= {
-            "target_epsilon": target_epsilon,
-            "noise_multiplier": sigma,
-            "epsilon": compute_epsilon(sample_rate, sigma, steps, delta, accountant),
-        }
+    out: dict = {"sample_rate": sample_rate, "steps": steps, "delta": delta, "accountant": accountant}
+    if target_epsilon is not None:
+        out["target_epsilon"] = target_epsilon
+        noise_multiplier = calibrate_noise(sample_rate, steps, delta, target_epsilon, accountant)
+    bound = epsilon_bound([Segment(sample_rate, noise_multiplier, steps)], delta, accountant)
+    out |= {
+        "noise_multiplier": noise_multiplier,
+        "epsilon": bound.epsilon,
+        "bound": bound.method,
+        "epsilon_pld": bound.pld,
+        "epsilon_rdp": bound.rdp,
+        "pld_discretization": bound.pld_discretization,
+    }
     if json_out:
         print(json.dumps({k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}))
     else:
         print(
-            f"σ = {out['noise_multiplier']:.4f}  ε = {out['epsilon']:.4f}  (δ = {delta:g}, q = {sample_rate:g}, "
-            f"{steps} steps, {accountant.upper()})"
+            f"σ = {noise_multiplier:.4f}  ε = {bound.epsilon:.4f}  (δ = {delta:g}, q = {sample_rate:g}, "
+            f"{steps} steps, {bound.method.upper()} bound)"
         )
 
 
@@ -103,19 +108,8 @@ def generate(
     print(json.dumps({"completion": text}) if json_out else text)
 
 
-def _register_optional() -> None:
-    """Commands whose modules are written in parallel register themselves when present."""
-    import importlib
-
-    for module in ("dpft.cli.data", "dpft.cli.audit", "dpft.cli.demo", "dpft.cli.ledger"):
-        try:
-            importlib.import_module(module).register(app)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-
-
-_register_optional()
+for _command in (data, audit, demo, ledger):
+    _command.register(app)
 
 
 def _quiet_libraries() -> None:

@@ -10,52 +10,57 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpft.config import TrainConfig
 from dpft.errors import BudgetExceededError
-from dpft.ledger import BudgetLedger, RunEntry, fingerprint_file
-from dpft.privacy.accounting import PrivacyAccountant
+from dpft.hashing import sha256_file
+from dpft.ledger import BudgetLedger, RunEntry
+from dpft.privacy.accounting import Segment, epsilon_of, merge_segments
 
-Segment = tuple[float, float, int]
 
-
-@dataclass
+@dataclass(frozen=True)
 class DatasetBudget:
     ledger: BudgetLedger
     fingerprint: str
 
     @classmethod
     def open(cls, c: TrainConfig) -> DatasetBudget:
-        return cls(BudgetLedger(c.ledger), fingerprint_file(c.data))
+        return cls(BudgetLedger(c.ledger), sha256_file(c.data))
 
-    def check(self, c: TrainConfig, planned: list[Segment]) -> None:
-        """Raise BudgetExceededError if the ledger's composed total would pass --dataset-budget."""
+    def check(self, c: TrainConfig, planned: Sequence[Segment]) -> None:
+        """Refuse a run whose planned segments would bring the dataset past --dataset-budget.
+
+        Raises:
+            BudgetExceededError: If the ledger's composed total would pass --dataset-budget.
+        """
         if c.dataset_budget is None:
             return
         if c.no_dp:
             raise BudgetExceededError("--no-dp with --dataset-budget: a non-private run spends an unbounded budget")
         self.ledger.check_budget(self.fingerprint, planned, c.delta, c.dataset_budget, c.accountant)
 
-    def record(self, c: TrainConfig, root: Path, segments: list[Segment]) -> None:
-        """Record (or replace) this run's entry: numbers, ids and paths only."""
+    def record(self, c: TrainConfig, root: Path, segments: Sequence[Segment]) -> None:
+        """Record (or replace) this run's entry: numbers, ids and paths only.
+
+        Args:
+            c: The run's configuration.
+            root: The run directory.
+            segments: The run's privacy journal (or, before training, its planned segments).
+        """
         dp = not c.no_dp
-        eps = None
-        if dp and segments:
-            accountant = PrivacyAccountant(c.accountant)
-            for q, sigma, n in segments:
-                accountant.step(q, sigma, n)
-            eps = accountant.epsilon(c.delta)
+        journal = merge_segments(segments) if dp else ()
         entry = RunEntry(
             run_id=run_id(root),
             output=str(root.resolve()),
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             dp=dp,
-            epsilon=eps,
+            epsilon=epsilon_of(journal, c.delta, c.accountant) if dp else None,
             delta=c.delta if dp else None,
             accountant=c.accountant if dp else None,
-            segments=segments if dp else [],
+            segments=journal,
         )
         self.ledger.record_run(self.fingerprint, entry)
 
