@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpft.config import TrainConfig
 from dpft.errors import ConfigError
+from dpft.training.config import TrainConfig
 
 
 def test_all_problems_reported_at_once():

@@ -13,10 +13,10 @@ import torch
 
 from dpft.audit.report import write_report
 from dpft.cli.summary import print_summary
-from dpft.config import TrainConfig
 from dpft.errors import ConfigError
 from dpft.models import precision
 from dpft.models.precision import autocast, describe_hardware, resolve_dtype
+from dpft.training.config import TrainConfig
 
 
 @pytest.fixture

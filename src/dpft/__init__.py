@@ -21,7 +21,7 @@ def train(data: str, output: str, **options: Any) -> dict[str, Any]:
     Raises:
         DpftError: invalid options or data, or a refused run.
     """
-    from dpft.config import TrainConfig
+    from dpft.training.config import TrainConfig
     from dpft.training.recipe import train as run
 
     return run(TrainConfig(data=data, output=output, **options))

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpft.config import TrainConfig
 from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.models.precision import announce, autocast, describe_hardware, dtype_name, resolve_dtype
+from dpft.run_layout import RunPaths
+from dpft.training.config import TrainConfig
 from dpft.training.progress import format_duration
 
 MICRO_BATCH, MAX_LENGTH = 16, 96  # both runs; the time estimate measures one such micro-batch
@@ -133,7 +134,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     for name in privacy:
         run = out / "runs" / name
-        models[name] = {"privacy": privacy[name], "metrics": _jsonl(run / "metrics.jsonl")}
+        models[name] = {"privacy": privacy[name], "metrics": _jsonl(RunPaths(run).metrics)}
         models[name] |= _assess(o, run, privacy[name], members, holdout, canaries, conditions, reference.model, dtype)
         models[name]["dtype"] = _ran_dtype(run, models[name]["dtype"])
     _phase(4, t0)
@@ -194,7 +195,7 @@ def _time_micro_batch(loaded, data: Path, loss_on: str, dtype: torch.dtype) -> f
 
 def _ran_dtype(run: Path, audit_dtype: str) -> str:
     """The dtype each part of a model's story ran in (a reused run may predate this demo's choice)."""
-    train_dtype = TrainConfig.load(run / "config.yaml").dtype
+    train_dtype = TrainConfig.load(RunPaths(run).config).dtype
     return train_dtype if train_dtype == audit_dtype else f"{train_dtype} (training), {audit_dtype} (audits)"
 
 
@@ -279,9 +280,10 @@ def _claim_output(out: Path, o: DemoOptions) -> None:
 
 def _train_or_reuse(cfg: TrainConfig, run: Path, train) -> dict[str, Any]:
     """A finished run is reused, an interrupted one resumed: a re-run never loses work."""
-    if (run / "privacy.json").is_file():
-        return json.loads((run / "privacy.json").read_text())
-    if (run / "config.yaml").is_file():
+    paths = RunPaths(run)
+    if paths.privacy.is_file():
+        return json.loads(paths.privacy.read_text())
+    if paths.config.is_file():
         return train(TrainConfig(resume=str(run)))
     return train(cfg)
 

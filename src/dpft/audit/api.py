@@ -12,6 +12,7 @@ import torch
 
 from dpft.errors import ConfigError, DataError
 from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
+from dpft.run_layout import RunPaths
 
 
 def load_target(run: str | None, model: str | None):
@@ -54,9 +55,9 @@ def read_canaries(path: str) -> list[dict]:
 
 
 def run_privacy(run: str | None) -> dict | None:
-    if run is None or not (Path(run) / "privacy.json").is_file():
+    if run is None or not RunPaths(Path(run)).privacy.is_file():
         return None
-    return json.loads((Path(run) / "privacy.json").read_text())
+    return json.loads(RunPaths(Path(run)).privacy.read_text())
 
 
 def evaluate(
@@ -140,7 +141,7 @@ def _compute_dtype(requested: str) -> torch.dtype:
 
 
 def _base_model_of(run: str) -> str | None:
-    meta = Path(run) / "model" / "dpft-model.json"
+    meta = RunPaths(Path(run)).model_meta
     return json.loads(meta.read_text())["base_model"] if meta.is_file() else None
 
 

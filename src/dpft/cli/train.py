@@ -12,8 +12,8 @@ from typing import Any
 import typer
 
 from dpft.cli.errors import handles_errors
-from dpft.config import RUN_ONLY, TrainConfig
 from dpft.errors import ConfigError
+from dpft.training.config import RUN_ONLY, TrainConfig
 
 
 def _flag(name: str) -> str:

@@ -11,6 +11,7 @@ import torch
 from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from dpft.models.precision import DTYPES
+from dpft.run_layout import RunPaths
 
 
 @dataclass
@@ -119,17 +120,17 @@ def load_run_model(run_dir: str | Path, dtype: str = "fp32") -> LoadedModel:
         DpftError: not a run directory, or its files are incomplete.
     """
     run = Path(run_dir)
-    meta_path = run / "model" / "dpft-model.json"
+    meta_path = RunPaths(run).model_meta
     if not meta_path.is_file():
         raise DpftError(f"{run}: not a dpft run directory (no model/dpft-model.json); did training finish?")
     meta = json.loads(meta_path.read_text())
     if meta["kind"] == "full":
-        loaded = load_base_model(str(run / "model"), dtype)
+        loaded = load_base_model(str(RunPaths(run).model), dtype)
     else:
         from peft import PeftModel
 
         loaded = load_base_model(meta["base_model"], dtype)
-        loaded.model = PeftModel.from_pretrained(loaded.model, run / "model").merge_and_unload()
+        loaded.model = PeftModel.from_pretrained(loaded.model, RunPaths(run).model).merge_and_unload()
     loaded.source = str(run)
     return loaded
 

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpft.config import TrainConfig
 from dpft.errors import BudgetExceededError
 from dpft.hashing import sha256_file
 from dpft.ledger import BudgetLedger, RunEntry
 from dpft.privacy.accounting import Segment, epsilon_of, merge_segments
+from dpft.training.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from dpft.config import RUN_ONLY, TrainConfig
 from dpft.data import collate, encode_records, read_records
 from dpft.data.encode import Example
 from dpft.errors import ConfigError, DpftError
@@ -39,6 +38,7 @@ from dpft.privacy.step import Budget, Mechanism, PrivacyStep
 from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
 from dpft.training.budget import DatasetBudget
+from dpft.training.config import RUN_ONLY, TrainConfig
 from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
 from dpft.training.progress import Progress

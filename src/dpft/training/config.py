@@ -16,9 +16,11 @@ from typing import Any
 import yaml
 
 from dpft.atomic_write import write_text_atomic
+from dpft.data.encode import LOSS_ON, PRIVACY_UNITS
 from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.models.precision import DTYPE_CHOICES, DTYPES
+from dpft.privacy.accounting import ACCOUNTANTS
 from dpft.training.schedule import SCHEDULES
 
 # Fields that describe this invocation, not the run's settings: never saved in config.yaml.
@@ -151,9 +153,9 @@ def _check_choices(c: TrainConfig) -> list[str]:
     choices = {
         "--dtype": (c.dtype, DTYPE_CHOICES),
         "--weights-dtype": (c.weights_dtype, tuple(DTYPES)),
-        "--loss-on": (c.loss_on, ("completion", "all")),
-        "--accountant": (c.accountant, ("pld", "rdp")),
-        "--privacy-unit": (c.privacy_unit, ("record", "user")),
+        "--loss-on": (c.loss_on, LOSS_ON),
+        "--accountant": (c.accountant, ACCOUNTANTS),
+        "--privacy-unit": (c.privacy_unit, PRIVACY_UNITS),
         "--lr-schedule": (c.lr_schedule, SCHEDULES),
     }
     return [
