@@ -192,3 +192,51 @@ def test_refuses_unsupported_models_and_foreign_masks():
         cache.logits(model, [0, 1], left_padded)
     with pytest.raises(ConfigError, match="another model"):
         cache.logits(lora_model(), [0], collate([data[0]], 0)["attention_mask"])
+
+
+# --- training/loss.py: the fused cross-entropy against the implementation it replaced ---
+
+
+def reference_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """example_losses as it was before the fused cross-entropy (F.cross_entropy on shifted logits)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    token_nll = nn.functional.cross_entropy(
+        shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    return token_nll.sum(dim=1) / (shift_labels != -100).sum(dim=1).clamp(min=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_example_losses_match_the_unfused_cross_entropy(dtype):
+    torch.manual_seed(0)
+    labels = torch.randint(0, 50, (5, 9))
+    labels[1, 4:] = -100  # padding
+    labels[2, :3] = -100  # a prompt without loss
+    labels[3, 1:] = -100  # no target token at all: loss 0, no gradient
+    labels[4, ::2] = -100
+    base = (3 * torch.randn(5, 9, 50)).to(dtype)
+    weights = torch.rand(5)  # unequal upstream gradients, as clip factors give
+    results = []
+    for fn in (example_losses, reference_example_losses):
+        logits = base.clone().requires_grad_()
+        losses = fn(logits, labels)
+        (losses * weights).sum().backward()
+        results.append((losses, logits.grad))
+    (losses, grad), (ref_losses, ref_grad) = results
+    assert losses.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(losses, ref_losses)
+    torch.testing.assert_close(grad, ref_grad)
+    assert losses[3] == 0 and not grad[3].any()
+    with torch.no_grad():
+        torch.testing.assert_close(example_losses(base, labels), ref_losses)
+
+
+def test_example_losses_keep_non_finite_logits_in_their_example():
+    logits = torch.randn(3, 4, 10, requires_grad=True)
+    labels = torch.randint(0, 10, (3, 4))
+    labels[2, 2:] = -100
+    with torch.no_grad():
+        logits[0, 1, 3] = float("nan")
+        logits[2, 3, 0] = float("inf")  # on a position without a target: no effect
+    losses = example_losses(logits, labels)
+    assert torch.isnan(losses[0]) and bool(torch.isfinite(losses[1:]).all())
