@@ -79,9 +79,10 @@ def test_logits_and_losses_match_the_full_forward(arch):
                 cached = cache.logits(model, indices, batch["attention_mask"])
             real = batch["attention_mask"].bool()
             torch.testing.assert_close(cached[real], full[real], **TOL)
-            torch.testing.assert_close(
-                example_losses(cached, batch["labels"]), example_losses(full, batch["labels"]), **TOL
-            )
+            expected = example_losses(full, batch["labels"])
+            torch.testing.assert_close(example_losses(cached, batch["labels"]), expected, **TOL)
+            with torch.no_grad():
+                torch.testing.assert_close(cache.losses(model, indices, batch), expected, **TOL)
 
 
 def test_qwen2_sliding_window_layers_get_their_own_mask():
@@ -105,18 +106,24 @@ def test_cached_states_do_not_depend_on_the_build_batch():
     assert one.nbytes == sum(LENGTHS) * 32 * 4
 
 
-def _sums(model, data, accumulator, cache=None, micro_batches=((0, 1, 2), (3, 4, 5, 6))):
+def _sums(model, data, accumulator, cache=None, path="logits", micro_batches=((0, 1, 2), (3, 4, 5, 6))):
     norms = []
     for mb in micro_batches:
         batch = collate([data[i] for i in mb], pad_token_id=0)
-        logits = full_logits(model, batch) if cache is None else cache.logits(model, mb, batch["attention_mask"])
+        if cache is None:
+            losses = example_losses(full_logits(model, batch), batch["labels"])
+        elif path == "logits":
+            losses = example_losses(cache.logits(model, mb, batch["attention_mask"]), batch["labels"])
+        else:
+            losses = cache.losses(model, mb, batch)
         unit_index = torch.unique(UNITS[list(mb)], return_inverse=True)[1]
-        norms.append(accumulator.backward(example_losses(logits, batch["labels"]), unit_index))
+        norms.append(accumulator.backward(losses, unit_index))
     return accumulator.take_sums(), torch.cat(norms)
 
 
+@pytest.mark.parametrize("path", ["logits", "losses"])
 @pytest.mark.parametrize("private", [True, False])
-def test_clipped_sums_match_the_full_forward(private):
+def test_clipped_sums_match_the_full_forward(private, path):
     model = lora_model()
     model.train()
     data = examples()
@@ -124,7 +131,7 @@ def test_clipped_sums_match_the_full_forward(private):
     try:
         cache = PrefixCache.build(model, data)  # built with the clipper attached
         full_sums, full_norms = _sums(model, data, accumulator)
-        cached_sums, cached_norms = _sums(model, data, accumulator, cache)
+        cached_sums, cached_norms = _sums(model, data, accumulator, cache, path)
     finally:
         accumulator.remove()
     assert full_sums.keys() == cached_sums.keys() and len(full_sums) == 2 * 2 * 7  # A, B x 7 linears x 2 blocks
@@ -134,6 +141,24 @@ def test_clipped_sums_match_the_full_forward(private):
     torch.testing.assert_close(cached_norms, full_norms, **TOL, equal_nan=True)
     if private:
         assert bool((full_norms > 0.05).all())  # the bound is active: the sums are clipped ones
+
+
+def test_a_trainable_head_gets_full_logits_and_its_gradient():
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**{**_config_args(4), "tie_word_embeddings": False})).eval()
+    model = with_lora(base, r=4, alpha=8, targets="all-linear", last_layers=2)
+    model.get_base_model().lm_head.weight.requires_grad_(True)
+    data = examples()
+    cache = PrefixCache.build(model, data)
+    batch = collate(data, pad_token_id=0)
+    grads = []
+    for losses in (example_losses(full_logits(model, batch), batch["labels"]), cache.losses(model, range(7), batch)):
+        head = model.get_base_model().lm_head.weight
+        head.grad = None
+        losses.sum().backward()
+        grads.append((losses.detach(), head.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], **TOL)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **TOL)
 
 
 def test_clipper_sees_the_batch_size_and_no_stale_one():
