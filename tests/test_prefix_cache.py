@@ -106,6 +106,20 @@ def test_cached_states_do_not_depend_on_the_build_batch():
     assert one.nbytes == sum(LENGTHS) * 32 * 4
 
 
+def test_only_the_listed_examples_are_cached():
+    model = lora_model()
+    data = examples()
+    cache = PrefixCache.build(model, data, only=[5, 2, 2])
+    assert len(cache) == 2 and cache.nbytes == (LENGTHS[5] + LENGTHS[2]) * 32 * 4
+    batch = collate([data[2], data[5]], pad_token_id=0)
+    with torch.no_grad():
+        full = full_logits(model, batch)
+        cached = cache.logits(model, [2, 5], batch["attention_mask"])
+    torch.testing.assert_close(cached[batch["attention_mask"].bool()], full[batch["attention_mask"].bool()], **TOL)
+    with pytest.raises(ValueError, match="not cached"):
+        cache.logits(model, [0], collate([data[0]], 0)["attention_mask"])
+
+
 def _sums(model, data, accumulator, cache=None, path="logits", micro_batches=((0, 1, 2), (3, 4, 5, 6))):
     norms = []
     for mb in micro_batches:

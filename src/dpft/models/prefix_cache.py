@@ -17,7 +17,7 @@ wrapped or not, with `PerUnitClipper` attached or not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +148,7 @@ class PrefixCache:
     example, in the dtype the bottom produced (fp32 weights: fp32; see `nbytes`).
     """
 
-    def __init__(self, states: list[Tensor], boundary: int, core: nn.Module):
+    def __init__(self, states: list[Tensor | None], boundary: int, core: nn.Module):
         self._states = states
         self.boundary = boundary
         self._core_id = id(core)
@@ -160,6 +160,7 @@ class PrefixCache:
         examples: Sequence[Any],
         boundary: int | None = None,
         batch_size: int = 32,
+        only: Iterable[int] | None = None,
     ) -> PrefixCache:
         """Run the embedding and blocks 0..boundary-1 once per example, without gradients.
 
@@ -171,6 +172,8 @@ class PrefixCache:
             boundary: the first block that is run per step; default `frozen_boundary(model)`.
             batch_size: examples per no_grad forward (sorted by length, so little padding).
                 Under bf16 autocast, call this inside the same autocast context as training.
+            only: cache just these example indices (e.g. those of the units kept by
+                --max-records-per-user); `logits` refuses the others.
 
         Raises:
             ConfigError: unsupported architecture, no frozen block, or something trainable or
@@ -180,10 +183,11 @@ class PrefixCache:
         boundary = frozen_boundary(model) if boundary is None else boundary
         _check_frozen(parts, boundary)
         seqs = [list(getattr(e, "input_ids", e)) for e in examples]
-        if not seqs or min(len(s) for s in seqs) < 1:
+        wanted = range(len(seqs)) if only is None else sorted(set(only))
+        if not wanted or min(len(seqs[i]) for i in wanted) < 1:
             raise ConfigError(["the prefix cache needs at least one example, each with at least one token"])
         device = parts.core.embed_tokens.weight.device
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        order = sorted(wanted, key=lambda i: len(seqs[i]))
         states: list[Tensor | None] = [None] * len(seqs)
         with torch.no_grad():
             for start in range(0, len(order), max(1, batch_size)):
@@ -197,15 +201,16 @@ class PrefixCache:
                 hidden = _run_blocks(parts, parts.core.embed_tokens(ids), mask, range(boundary))
                 for row, i in enumerate(chunk):
                     states[i] = hidden[row, : len(seqs[i])].clone()
-        return cls(states, boundary, parts.core)  # type: ignore[arg-type]
+        return cls(states, boundary, parts.core)
 
     def __len__(self) -> int:
-        return len(self._states)
+        """How many examples are cached."""
+        return sum(s is not None for s in self._states)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the cached states."""
-        return sum(s.numel() * s.element_size() for s in self._states)
+        return sum(s.numel() * s.element_size() for s in self._states if s is not None)
 
     def hidden(self, indices: Sequence[int], attention_mask: Tensor) -> Tensor:
         """The cached states of `indices`, right-padded with zeros to (B, T, H) like a collate batch.
@@ -214,6 +219,8 @@ class PrefixCache:
             ValueError: `attention_mask` is not the right-padded mask of these examples.
         """
         states = [self._states[int(i)] for i in indices]
+        if any(s is None for s in states):
+            raise ValueError("an example of this micro-batch was not cached (see PrefixCache.build's `only`)")
         batch, width = attention_mask.shape
         lengths = torch.tensor([s.shape[0] for s in states], device=attention_mask.device)
         expected = torch.arange(width, device=attention_mask.device) < lengths.unsqueeze(1)
