@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import dpft
 from dpft.errors import CheckpointError, DpftError
@@ -189,3 +190,21 @@ def test_lora_layers_adapts_only_the_last_blocks(tmp_path, tiny_model_dir):
     data = write_records(tmp_path / "d.jsonl")
     report = dpft.train(str(data), str(tmp_path / "run"), **base_options(tiny_model_dir, lora_layers=1))
     assert report["steps"] == 6
+
+
+def test_frozen_prefix_cache_trains_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """--lora-layers: the recipe reuses the frozen blocks' outputs; same seeded run, same weights."""
+    from safetensors.torch import load_file
+
+    data = write_records(tmp_path / "d.jsonl")
+    opts = base_options(tiny_model_dir, lora_layers=1, unsafe_seed=5, privacy_unit="user", batch_size=4, delta=1e-2)
+    built = []
+    real = recipe.PrefixCache.build
+    monkeypatch.setattr(recipe.PrefixCache, "build", lambda *a, **k: built.append(1) or real(*a, **k))
+    dpft.train(str(data), str(tmp_path / "cached"), **opts)
+    assert built, "the recipe did not use the prefix cache"
+    monkeypatch.setattr(recipe, "PREFIX_CACHE_BYTES", 0)
+    dpft.train(str(data), str(tmp_path / "full"), **opts)
+    cached, full = (load_file(tmp_path / r / "model" / "adapter_model.safetensors") for r in ("cached", "full"))
+    for name in full:
+        torch.testing.assert_close(cached[name], full[name], rtol=1e-4, atol=1e-6)

@@ -31,6 +31,7 @@ from dpft.errors import ConfigError, DpftError
 from dpft.hashing import sha256_file
 from dpft.models import load_base_model, with_lora
 from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
+from dpft.models.prefix_cache import PrefixCache
 from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, max_steps
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
@@ -53,6 +54,8 @@ from dpft.training.run_dir import (
 )
 from dpft.training.schedule import lr_at
 
+PREFIX_CACHE_BYTES = 2 << 30  # frozen-prefix states kept in memory at most (fp32 upper estimate)
+
 
 @dataclass
 class Run:
@@ -73,6 +76,7 @@ class Run:
     planned_steps: int
     stats: dict[str, int]
     dtype: torch.dtype  # the compute dtype (autocast); config.dtype holds its name
+    prefix: PrefixCache | None = None  # frozen blocks' outputs, computed once per example
     steps_done: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # private: realised Poisson draws
 
@@ -112,8 +116,11 @@ def _train_step(run: Run, t: int) -> None:
     for examples, unit_index in run.units.micro_batches(units, c.micro_batch_size):
         batch = collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id)
         with autocast(run.dtype):
-            logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_example = example_losses(logits, batch["labels"])
+            if run.prefix is not None:
+                per_example = run.prefix.losses(run.model, examples, batch)
+            else:
+                logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                per_example = example_losses(logits, batch["labels"])
         run.step.backward(per_example, unit_index)
         losses.append(per_example.detach())
     run.step.finish()
@@ -176,9 +183,31 @@ def setup(config: TrainConfig) -> Run:
         config, paths, model, loaded.tokenizer, data.examples, units, randomness,
         PoissonSampler(len(units), q, randomness), journal, step, optimizer, budget, planned, stats, dtype,
     )  # fmt: skip
+    run.prefix = _prefix_cache(run)
     if config.resume:
         _restore(run)
     return run
+
+
+def _prefix_cache(run: Run) -> PrefixCache | None:
+    """With --lora-layers the bottom blocks are frozen: run them once per example, not every epoch.
+
+    Privacy-neutral (each cached state is a function of its own record alone). Skipped where it
+    does not apply: no frozen block, dropout below the boundary, an unsupported architecture, or
+    states that would not fit in PREFIX_CACHE_BYTES.
+    """
+    if run.config.full or run.config.lora_layers is None:
+        return None
+    try:
+        hidden = run.model.get_input_embeddings().embedding_dim
+        tokens = sum(len(run.examples[i].input_ids) for unit in run.units.unit_examples for i in unit)
+        if tokens * hidden * 4 > PREFIX_CACHE_BYTES:
+            return None
+        kept = [i for unit in run.units.unit_examples for i in unit]
+        with autocast(run.dtype):
+            return PrefixCache.build(run.model, run.examples, only=kept)
+    except ConfigError:
+        return None
 
 
 def _adapted(model: torch.nn.Module, c: TrainConfig) -> torch.nn.Module:
