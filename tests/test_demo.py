@@ -32,6 +32,7 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert models["non-private"]["privacy"]["dp"] is False
     dp = models["dp"]["privacy"]
     assert dp["dp"] is True and dp["privacy_unit"] == "user" and 0 < dp["epsilon"] <= 8.0
+    assert dp["randomness"] == "os-entropy"  # the demo's DP model: secret sampling and noise
     page = (tmp_path / "demo" / "report.html").read_text()
     for section in SECTIONS:
         assert f"id='{section}'" in page or f'id="{section}"' in page
