@@ -13,6 +13,13 @@ from dpft.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from dpft.models.precision import DTYPES
 from dpft.run_layout import RunPaths
 
+# The public id of the model the embedded copy was made from (a Q4_1 GGUF of it, dequantised):
+# what a run's model folder records as its base, so the folder is portable; `load_run_model`
+# resolves it to the embedded copy, offline.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_LICENSE = "apache-2.0"
+AUTO_TARGETS = "auto"
+
 
 @dataclass
 class LoadedModel:
@@ -62,13 +69,20 @@ def with_lora(
     """Freeze the base model and add trainable LoRA adapters (peft).
 
     Args:
-        targets: comma-separated module names (e.g. "q_proj,v_proj") or "all-linear".
+        targets: comma-separated module names (e.g. "q_proj,v_proj"), "all-linear", or "auto"
+            (`auto_targets`: peft's usual targets for the architecture, else all linear layers).
         last_layers: adapt only the last N transformer blocks. Nothing below them needs a
             gradient, so the backward pass stops there (top half of SmolLM2: steps ~1.4x faster).
+
+    Raises:
+        DpftError: targets that match no module, or a bad --lora-layers.
     """
     from peft import LoraConfig, get_peft_model
 
-    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if targets.strip() == AUTO_TARGETS:
+        modules = auto_targets(model)
+    else:
+        modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     layers = None
     if last_layers is not None:
         total = _num_blocks(model)
@@ -89,6 +103,31 @@ def with_lora(
         return get_peft_model(model, config)
     except ValueError as err:
         raise DpftError(f"--lora-targets {targets}: {_first_line(err)}") from None
+
+
+def auto_targets(model: torch.nn.Module) -> list[str] | str:
+    """peft's default LoRA targets for the model's architecture where it has them and the model has
+    those modules (Llama: q_proj, v_proj; GPT-2: c_attn; Falcon, GPT-NeoX, BLOOM: query_key_value),
+    else "all-linear" (Phi-3, Qwen2-MoE, unknown architectures)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+    except ImportError:  # peft moved it: all linear layers is always a valid choice
+        MAPPING = {}
+    known = MAPPING.get(getattr(getattr(model, "config", None), "model_type", None))
+    linear = _block_linear_names(model)
+    if known and set(known) <= set(linear):
+        return sorted(known)
+    # By name, not peft's "all-linear": that also wraps fused mixture-of-experts weights, which
+    # dpft cannot clip. A name that also names some other module (a router) is left out.
+    others = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if not _is_linear(m)}
+    names = [n for n in linear if n not in others]
+    return names or "all-linear"
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
 def _num_blocks(model: torch.nn.Module) -> int:
@@ -129,7 +168,8 @@ def load_run_model(run_dir: str | Path, dtype: str = "fp32") -> LoadedModel:
     else:
         from peft import PeftModel
 
-        loaded = load_base_model(meta["base_model"], dtype)
+        base = meta["base_model"]  # the embedded copy is recorded by its public id: no network
+        loaded = load_base_model(EMBEDDED_NAME if base == EMBEDDED_HUB_ID else base, dtype)
         loaded.model = PeftModel.from_pretrained(loaded.model, RunPaths(run).model).merge_and_unload()
     loaded.source = str(run)
     return loaded

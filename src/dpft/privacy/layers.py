@@ -4,12 +4,18 @@ which modules mix the examples of a batch (refused by the engine).
 Extend by registering: `register_rule(MyLayer, MY_RULE)` for a new layer type (see
 `dpft.privacy.rules.base.LayerRule`), `register_cross_rule("a", "b", fn)` for a cheap cross term
 between two rules sharing a parameter. A model's own `*RMSNorm` class (one 1-D weight) gets the norm
-rule; other modules without a rule get the generic torch.func rule.
+rule; a Linear or Embedding subclass whose forward is the very code of a known variant (FalconLinear,
+scaled word embeddings, OPT's positions: `dpft.privacy.rules.variants`) gets that variant's rule;
+other modules without a rule get the generic torch.func rule.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from collections.abc import Callable
+from functools import cache
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -21,16 +27,36 @@ from dpft.privacy.rules.generic import GENERIC
 from dpft.privacy.rules.linear import CONV1D, LINEAR
 from dpft.privacy.rules.norm import NORM, is_rms_norm
 from dpft.privacy.rules.tied import embedding_linear_cross
+from dpft.privacy.rules.tokens import per_token
+from dpft.privacy.rules.variants import (
+    POSITIONAL_EMBEDDING,
+    SCALED_EMBEDDING,
+    SCALED_EMBEDDING_PLAIN,
+    opt_positions_forward,
+    plain_linear_forward,
+    scaled_forward_cast,
+    scaled_forward_plain,
+)
 
 CrossRule = Callable[[Capture, Capture, Units], Tensor]
 
+# Linear and norm layers act on each row alone: they also take the batch flattened into (B·T, d)
+# rows (OPT's feed-forward block, Qwen2-MoE's shared expert); see `dpft.privacy.rules.tokens`.
+TOKEN_LINEAR, TOKEN_NORM = per_token(LINEAR), per_token(NORM)
 RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LINEAR,
+    nn.Linear: TOKEN_LINEAR,
     Conv1D: CONV1D,
     nn.Embedding: EMBEDDING,
-    nn.LayerNorm: NORM,
-    nn.RMSNorm: NORM,
+    nn.LayerNorm: TOKEN_NORM,
+    nn.RMSNorm: TOKEN_NORM,
 }
+# Subclasses that override forward with exactly one of these functions' code get their rule.
+VARIANTS: list[tuple[type[nn.Module], Callable, LayerRule]] = [
+    (nn.Linear, plain_linear_forward, TOKEN_LINEAR),
+    (nn.Embedding, scaled_forward_cast, SCALED_EMBEDDING),
+    (nn.Embedding, scaled_forward_plain, SCALED_EMBEDDING_PLAIN),
+    (nn.Embedding, opt_positions_forward, POSITIONAL_EMBEDDING),
+]
 CROSS_RULES: dict[tuple[str, str], CrossRule] = {
     ("embedding", "linear"): embedding_linear_cross,
 }
@@ -49,13 +75,39 @@ def register_cross_rule(first: str, second: str, fn: CrossRule) -> None:
 def rule_for(module: nn.Module) -> LayerRule:
     """The rule of the nearest registered class whose forward the module still uses, else generic.
 
-    A subclass that overrides forward (e.g. a scaled embedding) computes something else: it must
-    not be replaced by its parent's forward, so it falls back to the generic rule.
+    A subclass that overrides forward computes something else: it must not be replaced by its
+    parent's forward. It gets a variant's rule when its forward is that variant's code (compared as
+    syntax, annotations and docstrings aside), else the generic rule.
     """
     for cls in type(module).__mro__:
         if cls in RULES and type(module).forward is cls.forward:
             return RULES[cls]
-    return NORM if is_rms_norm(module) else GENERIC  # each model ships its own RMSNorm class
+    own = _fingerprint(type(module).forward)
+    for base, reference, rule in VARIANTS:
+        if own is not None and isinstance(module, base) and own == _fingerprint(reference):
+            return rule
+    return TOKEN_NORM if is_rms_norm(module) else GENERIC  # each model ships its own RMSNorm class
+
+
+@cache
+def _fingerprint(fn: Callable) -> str | None:
+    """fn's code as a syntax tree (name, annotations, decorators and docstring left out), if found."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    node.name, node.returns, node.decorator_list = "forward", None, []
+    args = node.args
+    for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+        if arg is not None:
+            arg.annotation = None
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        node.body = body[1:]  # the docstring
+    return ast.dump(node)
 
 
 def cross_term(first: tuple[Capture, str], second: tuple[Capture, str], units: Units) -> Tensor:

@@ -80,7 +80,21 @@ def _attach(module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batc
         if replaying:
             return original(*args, **kwargs)
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
-            raise ConfigError([f"{name}: only modules called with one tensor input can be clipped per example"])
+            raise ConfigError(
+                [
+                    f"{name}: no per-example gradient rule for a module called with several inputs "
+                    "(mixture-of-experts layers among them); train it frozen (LoRA on other modules) "
+                    "or register a rule for it (dpft.privacy.layers.register_rule)"
+                ]
+            )
+        if not args[0].is_floating_point():
+            raise ConfigError(
+                [
+                    f"{name}: no per-example gradient rule for a module fed integer input (token ids: "
+                    "an embedding subclass dpft does not know); train it frozen or register a rule "
+                    "for it (dpft.privacy.layers.register_rule)"
+                ]
+            )
         return _CaptureGeneric.apply(args[0], original, on_backward, *params.values())
 
     return forward
