@@ -71,6 +71,9 @@ def test_adapter_folder_records_the_hub_id_and_loads_elsewhere(tmp_path: Path, e
     with torch.no_grad():
         want = model.merge_and_unload()(ids).logits
         torch.testing.assert_close(loaded.model(ids).logits, want)
+    # what the audit loads as the reference model: the recorded id, resolved to the embedded copy
+    reference = loading.load_base_model(json.loads((moved / "model" / "dpft-model.json").read_text())["base_model"])
+    assert reference.model.config.vocab_size == tiny_llama().config.vocab_size
 
 
 def test_full_model_card_has_no_peft_library(tmp_path: Path) -> None:

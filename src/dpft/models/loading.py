@@ -29,8 +29,14 @@ class LoadedModel:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map the embedded model's name to its safetensors cache; leave hub ids and paths as they are."""
-    return str(embedded_model_dir()) if name == EMBEDDED_NAME else name
+    """Map the embedded model's name, or the hub id its run folders record (`EMBEDDED_HUB_ID`), to
+    its safetensors cache; leave other hub ids and paths as they are.
+
+    The hub id resolves to the embedded copy so that what a run folder records as its base (read
+    back by `load_run_model` and by the audit's reference model) is the very base it was trained
+    on, offline: the embedded copy is a dequantised Q4_1 GGUF, not the hub's own weights.
+    """
+    return str(embedded_model_dir()) if name in (EMBEDDED_NAME, EMBEDDED_HUB_ID) else name
 
 
 def load_base_model(name: str = EMBEDDED_NAME, dtype: str = "fp32") -> LoadedModel:
@@ -168,8 +174,7 @@ def load_run_model(run_dir: str | Path, dtype: str = "fp32") -> LoadedModel:
     else:
         from peft import PeftModel
 
-        base = meta["base_model"]  # the embedded copy is recorded by its public id: no network
-        loaded = load_base_model(EMBEDDED_NAME if base == EMBEDDED_HUB_ID else base, dtype)
+        loaded = load_base_model(meta["base_model"], dtype)  # the embedded copy by its hub id: offline
         loaded.model = PeftModel.from_pretrained(loaded.model, RunPaths(run).model).merge_and_unload()
     loaded.source = str(run)
     return loaded
