@@ -41,6 +41,9 @@ def check_trainable(model: nn.Module, vocab_size: int, length: int = 8) -> None:
         raise ConfigError(["the model has no trainable parameter"])
     modes = {m: m.training for m in model.modules()}
     device = next(iter(params.values())).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Embedding):  # a tokenizer may count more tokens than the model has
+        vocab_size = min(vocab_size, embeddings.num_embeddings)
     ids, mask = _dummy_batch(vocab_size, length, device)
     devices = [device] if device.type == "cuda" else []
     try:
