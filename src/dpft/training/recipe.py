@@ -32,6 +32,7 @@ from dpft.hashing import sha256_file
 from dpft.models import load_base_model, with_lora
 from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
 from dpft.models.prefix_cache import PrefixCache
+from dpft.models.probe import check_trainable
 from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, max_steps
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
@@ -158,13 +159,15 @@ def setup(config: TrainConfig) -> Run:
     mechanism, allowed = _plan_mechanism(config, q, planned, len(units))
     budget = DatasetBudget.open(config)
     planned_segments = [Segment(q, mechanism.noise_multiplier, min(planned, allowed))] if mechanism.dp else []
+    model = _adapted(loaded.model, config)  # LoRA target errors: before anything is written
+    if not config.no_dp:  # a model the engine cannot clip is refused before anything is written
+        check_trainable(model, len(loaded.tokenizer))
     if paths is None:
         budget.check(config, planned_segments)  # before anything is written
         paths = create_run_dir(config.output)
         config.save(paths.config)
         _save_state(paths, config, seed)
         budget.record(config, paths.root, planned_segments)
-    model = _adapted(loaded.model, config)
     journal = PrivacyJournal(paths.journal, mechanism.segment)
     budget_spec = Budget(config.delta, config.accountant, None if config.no_dp else config.epsilon)
     step = PrivacyStep(model, mechanism, budget_spec, randomness, journal)
