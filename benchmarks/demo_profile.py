@@ -63,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--lora-layers", type=int, default=15)
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: steps,breakdown,loss,bucketing")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: dp-build,steps,breakdown,loss,bucketing"
+    )
     p.add_argument("--quick", action="store_true", help="tiny random Llama (4 blocks, LoRA on 2), few records")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -414,9 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
     cache = PrefixCache.build(model, examples, boundary)
     cpu, wall = clock.read()
     dp_examples = sorted(i for u in data["dp_units"] for i in u)
-    clock = Clock()
-    PrefixCache.build(model, [examples[i] for i in dp_examples], boundary)
-    dp_cpu, dp_wall = clock.read()
+    dp_cpu = dp_wall = math.nan
+    if "dp-build" not in skip:
+        clock = Clock()
+        PrefixCache.build(model, examples, boundary, only=dp_examples)
+        dp_cpu, dp_wall = clock.read()
     result["cache"] = {
         "boundary": boundary,
         "build_all_examples": {"examples": len(examples), "cpu_s": round(cpu, 2), "wall_s": round(wall, 2)},
@@ -428,7 +433,11 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
     batches = [sorted(rng.choice(len(examples), args.micro_batch, replace=False).tolist()) for _ in range(8)]
     if "steps" not in skip:
-        result["step_per_micro_batch"] = time_steps(args, step, batches, VARIANTS)
+        variants = [v for v in args.variants.split(",") if v]
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}")
+        result["step_per_micro_batch"] = time_steps(args, step, batches, variants)
         print(json.dumps(result["step_per_micro_batch"]), file=sys.stderr)
     if "breakdown" not in skip:
         result["breakdown_cpu_s"] = breakdown(args, step, batches, boundary)
