@@ -119,3 +119,93 @@ def test_same_batches_epsilon_and_weights_as_dpft_train(tmp_path, tiny_model_dir
         torch.testing.assert_close(hf[name], cli[name], rtol=1e-4, atol=1e-5)
     for name in ("metrics.jsonl", "private/journal.jsonl", "model/README.md", "private/train-log.jsonl"):
         assert (tmp_path / "hf" / name).is_file()
+
+
+@pytest.mark.parametrize(
+    ("args_extra", "priv_extra", "needle"),
+    [
+        ({"train_sampling_strategy": "group_by_length"}, {}, "group_by_length"),
+        ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps"),
+        ({"include_num_input_tokens_seen": "all"}, {}, "include_num_input_tokens_seen"),
+        ({"label_smoothing_factor": 0.1}, {}, "label_smoothing_factor"),
+        ({"max_steps": 1000}, {"target_epsilon": None, "noise_multiplier": 1.0}, "target_epsilon is required"),
+        ({}, {"privacy_unit": "people"}, "privacy_unit"),
+    ],
+)
+def test_unsafe_settings_are_refused(tmp_path, tiny_model_dir, args_extra, priv_extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", **args_extra), priv=privacy(**priv_extra))
+    assert not (tmp_path / "hf" / "private").exists()
+
+
+def test_evaluation_on_the_training_set_is_refused(tmp_path, tiny_model_dir):
+    data = records(write_records(tmp_path / "d.jsonl"))
+    with pytest.raises(ConfigError, match="eval_dataset is the training set"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, eval_dataset=data)
+    with pytest.raises(ConfigError, match="eval_dataset is the training set"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, eval_dataset={"train": data})
+
+
+def test_a_custom_sampler_or_loss_is_refused(tmp_path, tiny_model_dir):
+    class Shuffled(DPTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return None
+
+    model, tokenizer = lora_model(tiny_model_dir)
+    data = records(write_records(tmp_path / "d.jsonl"))
+    with pytest.raises(ConfigError, match="overrides _get_train_sampler"):
+        Shuffled(model=model, args=training_args(tmp_path / "hf"), train_dataset=data, processing_class=tokenizer)
+    with pytest.raises(ConfigError, match="compute_loss_func"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, compute_loss_func=lambda *a, **k: 0)
+
+
+def test_a_micro_batch_smaller_than_a_user_is_refused(tmp_path, tiny_model_dir):
+    args = training_args(tmp_path / "hf", per_device_train_batch_size=2)
+    with pytest.raises(ConfigError, match="micro-batch"):
+        dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(privacy_unit="user", max_records_per_user=4))
+
+
+def test_packing_is_refused_for_sft(tmp_path, tiny_model_dir):
+    trl = pytest.importorskip("trl")
+    from dpft.hf import DPSFTTrainer
+
+    model, tokenizer = lora_model(tiny_model_dir)
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), packing=True, report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="packing"):
+        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
+                     processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_trackers_see_no_loss_unless_opted_in(tmp_path, tiny_model_dir):
+    recorder = Recorder()
+    trainer = dp_trainer(tmp_path, tiny_model_dir, callbacks=[recorder])
+    trainer.train()
+    keys = {k for logs in recorder.logs for k in logs}
+    assert recorder.logs and {"epsilon", "learning_rate"} <= keys
+    assert not any("loss" in k or "grad_norm" in k or "tokens" in k for k in keys), keys
+    assert all("loss" not in str(entry) for entry in trainer.state.log_history)
+    eps = [logs["epsilon"] for logs in recorder.logs if "learning_rate" in logs]
+    assert eps == sorted(eps) and eps[-1] <= 8.0
+
+    opted = Recorder()
+    args = training_args(tmp_path / "hf2", max_steps=2)
+    trainer = dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(log_private_diagnostics=True), callbacks=[opted])
+    out = trainer.train()
+    assert any("loss" in logs for logs in opted.logs) and out.training_loss == out.training_loss
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_hard_stop_at_the_budget_and_user_level(tmp_path, tiny_model_dir):
+    """σ given: the run stops when one more step would pass the target, as `dpft train` does."""
+    priv = privacy(
+        noise_multiplier=1.0, target_epsilon=2.0, expected_batch_size=2, privacy_unit="user", max_records_per_user=2
+    )
+    trainer = dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", max_steps=200), priv=priv)
+    out = trainer.train()
+    report = json.loads((tmp_path / "hf" / "privacy.json").read_text())
+    assert report["stop_reason"].startswith("stopped at the privacy budget")
+    assert 0 < report["steps"] == out.global_step < 200 and report["epsilon"] <= 2.0
+    assert report["privacy_unit"] == "user" and report["num_units"] == 10
+    journal = (tmp_path / "hf" / "private" / "journal.jsonl").read_text().splitlines()
+    assert len(journal) == report["steps"]
