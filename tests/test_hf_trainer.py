@@ -26,7 +26,11 @@ CORE_KEYS = (
 
 def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
     rows = [
-        {"prompt": f"record {i}: patient {i % users} has", "completion": f" condition {i % 7}", "user_id": f"u{i % users}"}
+        {
+            "prompt": f"record {i}: patient {i % users} has",
+            "completion": f" condition {i % 7}",
+            "user_id": f"u{i % users}",
+        }
         for i in range(n)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -134,7 +138,9 @@ def test_same_batches_epsilon_and_weights_as_dpft_train(tmp_path, tiny_model_dir
 )
 def test_unsafe_settings_are_refused(tmp_path, tiny_model_dir, args_extra, priv_extra, needle):
     with pytest.raises(ConfigError, match=needle):
-        dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", **args_extra), priv=privacy(**priv_extra))
+        dp_trainer(
+            tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", **args_extra), priv=privacy(**priv_extra)
+        )
     assert not (tmp_path / "hf" / "private").exists()
 
 
@@ -190,7 +196,9 @@ def test_trackers_see_no_loss_unless_opted_in(tmp_path, tiny_model_dir):
 
     opted = Recorder()
     args = training_args(tmp_path / "hf2", max_steps=2)
-    trainer = dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(log_private_diagnostics=True), callbacks=[opted])
+    trainer = dp_trainer(
+        tmp_path, tiny_model_dir, args=args, priv=privacy(log_private_diagnostics=True), callbacks=[opted]
+    )
     out = trainer.train()
     assert any("loss" in logs for logs in opted.logs) and out.training_loss == out.training_loss
 

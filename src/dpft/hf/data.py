@@ -43,7 +43,9 @@ def encode_dataset(dataset: Any, tokenizer: Any, privacy: PrivacyArguments, max_
 def _as_dataset(rows: Any) -> Any:
     from datasets import Dataset
 
-    return Dataset.from_list([dict(r) for r in rows])
+    rows = [dict(r) for r in rows]
+    columns = sorted(set().union(*rows)) if rows else []
+    return Dataset.from_list([{c: r.get(c) for c in columns} for r in rows])  # absent fields: None, dropped
 
 
 def _pretokenized(rows: Any, privacy: PrivacyArguments, max_length: int) -> EncodedDataset:

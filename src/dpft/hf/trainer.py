@@ -98,7 +98,11 @@ class DPTrainerMixin:
         units = PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness)
         units.micro_batches(range(len(units)), args.per_device_train_batch_size)  # a unit too big fails now
         q = sample_rate_for(p.expected_batch_size, len(units))
-        planned = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * len(units) / p.expected_batch_size)
+        planned = (
+            args.max_steps
+            if args.max_steps > 0
+            else math.ceil(args.num_train_epochs * len(units) / p.expected_batch_size)
+        )
         planned = max(1, planned)
         check_delta(p.delta, len(units))
         sigma = p.noise_multiplier or calibrate_noise(q, planned, p.delta, p.target_epsilon, p.accountant)
