@@ -217,3 +217,16 @@ def test_hard_stop_at_the_budget_and_user_level(tmp_path, tiny_model_dir):
     assert report["privacy_unit"] == "user" and report["num_units"] == 10
     journal = (tmp_path / "hf" / "private" / "journal.jsonl").read_text().splitlines()
     assert len(journal) == report["steps"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_evaluation_on_held_out_records_during_training(tmp_path, tiny_model_dir):
+    recorder = Recorder()
+    held_out = records(write_records(tmp_path / "held.jsonl", n=8))
+    args = training_args(
+        tmp_path / "hf", max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4
+    )
+    dp_trainer(tmp_path, tiny_model_dir, args=args, eval_dataset=held_out, callbacks=[recorder]).train()
+    evals = [logs for logs in recorder.logs if "eval_loss" in logs]
+    assert len(evals) == 2 and all("epsilon" in logs for logs in evals)
+    assert (tmp_path / "hf" / "privacy.json").is_file()

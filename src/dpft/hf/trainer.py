@@ -21,12 +21,13 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
@@ -132,6 +133,20 @@ class DPTrainerMixin:
     def get_train_dataloader(self) -> _StepLoader:
         """One item per logical step: the batch itself is drawn in `training_step`, after the journal."""
         return _StepLoader(self)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """Held-out records are encoded as the training records are (pre-tokenized ones go to the Trainer)."""
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None or "input_ids" in set(getattr(dataset, "column_names", None) or ["input_ids"]):
+            return super().get_eval_dataloader(eval_dataset)
+        p = replace(self.privacy_args, privacy_unit="record")
+        length = p.max_length or getattr(self.args, "max_length", None) or DEFAULT_MAX_LENGTH
+        examples = encode_dataset(dataset, self.processing_class, p, length).examples
+        pad = self.processing_class.pad_token_id
+        return DataLoader(examples, batch_size=self.args.eval_batch_size, collate_fn=lambda rows: collate(rows, pad))
 
     def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
         """The planned DP steps, in one epoch (the Trainer's epoch arithmetic assumes its own sampler)."""
