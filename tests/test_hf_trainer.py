@@ -180,6 +180,10 @@ def test_packing_is_refused_for_sft(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="packing"):
         DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
                      processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="formatting_func"):
+        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
+                     processing_class=tokenizer, privacy_args=privacy(), formatting_func=lambda r: r["prompt"])  # fmt: skip
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -329,6 +329,11 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
             problems.append("distributed training: DPTrainer runs on one process (the noise is added once)")
     if bound.get("compute_loss_func") is not None:
         problems.append("compute_loss_func: DP needs each example's own loss (dpft's example_losses)")
+    if bound.get("formatting_func") is not None:
+        problems.append(
+            "formatting_func: the training records are encoded by dpft (prompt/completion, text or messages); "
+            "format the dataset before passing it"
+        )
     if bound.get("model_init") is not None:
         problems.append("model_init (hyperparameter search): each trial would spend budget on the same data")
     for name in ("_get_train_sampler", "get_train_dataloader", "training_step", "_clip_grad_norm"):
