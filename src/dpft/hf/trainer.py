@@ -1,0 +1,362 @@
+"""DP-SGD inside the Hugging Face `Trainer` loop, through the same `PrivacyStep` as `dpft train`.
+
+Each optimizer step of the Trainer is one logical DP-SGD step:
+
+    loader yields step t (only while one more step stays within the target ε: the hard stop)
+    training_step:  PrivacyStep.begin(t) → Poisson sample of units → micro-batches
+                    (per_device_train_batch_size examples, a unit never split) → per-example losses
+                    → PrivacyStep.backward → PrivacyStep.finish (noise once, ÷ expected batch)
+    Trainer:        optimizer.step() (guarded by the PrivacyStep hooks) → scheduler → callbacks,
+                    logging, saving
+
+The Trainer's own sampler, gradient accumulation, global clipping and batch-mean loss are never
+used; settings that would bring them back are refused (`refuse_unsafe`). Losses stay private:
+trackers see ε, the step and the learning rate, unless `log_private_diagnostics=True`.
+At the end the run directory layout of `dpft train` is written into `output_dir`: model/ (weights,
+tokenizer, model card), privacy.json, metrics.jsonl and private/ (journal, train log, data stats).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput
+
+from dpft.data import collate
+from dpft.data.encode import EncodedDataset
+from dpft.errors import ConfigError
+from dpft.hf.arguments import PrivacyArguments
+from dpft.hf.data import encode_dataset
+from dpft.privacy.accounting import calibrate_noise, check_delta, max_steps
+from dpft.privacy.randomness import Randomness
+from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
+from dpft.privacy.step import Budget, Mechanism, PrivacyStep
+from dpft.run_layout import RunPaths
+from dpft.training.journal import PrivacyJournal
+from dpft.training.loss import example_losses
+from dpft.training.report import data_report, privacy_report
+from dpft.training.run_dir import PRIVATE_README, append_row, save_model, write_json, write_model_card
+
+# What trackers may see without `log_private_diagnostics`: data-independent or DP quantities.
+PUBLIC_LOG_KEYS = frozenset(
+    {"epsilon", "learning_rate", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+)
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass
+class _DPState:
+    """The DP parts of one run (the `run` that `privacy_report` and `data_report` read)."""
+
+    paths: RunPaths
+    data: EncodedDataset
+    units: PrivacyUnits
+    randomness: Randomness
+    sampler: PoissonSampler
+    mechanism: Mechanism
+    budget: Budget
+    planned_steps: int
+    step: PrivacyStep | None = None
+    journal: PrivacyJournal | None = None
+    steps_done: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # private: realised Poisson draws
+    stop_reason: str = "completed the planned steps"
+    finished: bool = False
+
+
+class DPTrainerMixin:
+    """The DP-SGD parts shared by `DPTrainer` and `DPSFTTrainer` (put it first in the bases)."""
+
+    def __init__(self, *args: Any, privacy_args: PrivacyArguments | None = None, **kwargs: Any):
+        privacy = privacy_args or PrivacyArguments()
+        bound = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
+        refuse_unsafe(type(self), bound, privacy)  # before the parent tokenizes or loads anything
+        super().__init__(*args, **kwargs)
+        self.privacy_args = privacy
+        self._dp = self._plan(bound.get("train_dataset"))
+
+    # ---- setup ----
+
+    def _plan(self, raw_train: Any) -> _DPState:
+        """Encode the data, group it into units and plan the mechanism (σ, q, steps)."""
+        p, args = self.privacy_args, self.args
+        paths = RunPaths(Path(args.output_dir))
+        if paths.journal.exists() or paths.privacy.exists():
+            raise ConfigError([f"output_dir {paths.root} already holds a dpft run; give a new output_dir"])
+        randomness = Randomness.secure() if p.unsafe_seed is None else Randomness.unsafe_seeded(p.unsafe_seed)
+        length = p.max_length or getattr(args, "max_length", None) or DEFAULT_MAX_LENGTH
+        data = encode_dataset(raw_train, self.processing_class, p, length)
+        cap = p.max_records_per_user if p.privacy_unit == "user" else None
+        units = PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness)
+        units.micro_batches(range(len(units)), args.per_device_train_batch_size)  # a unit too big fails now
+        q = sample_rate_for(p.expected_batch_size, len(units))
+        planned = (
+            args.max_steps
+            if args.max_steps > 0
+            else math.ceil(args.num_train_epochs * len(units) / p.expected_batch_size)
+        )
+        planned = max(1, planned)
+        check_delta(p.delta, len(units))
+        sigma = p.noise_multiplier or calibrate_noise(q, planned, p.delta, p.target_epsilon, p.accountant)
+        if max_steps(q, sigma, p.delta, p.target_epsilon, p.accountant, upper=planned) == 0:
+            raise ConfigError(
+                [f"target_epsilon {p.target_epsilon:g} is below the ε of a single step at noise_multiplier {sigma:g}"]
+            )
+        mechanism = Mechanism(q, p.expected_batch_size, sigma, p.max_grad_norm)
+        budget = Budget(p.delta, p.accountant, p.target_epsilon)
+        sampler = PoissonSampler(len(units), q, randomness)
+        return _DPState(paths, data, units, randomness, sampler, mechanism, budget, planned)
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, guarded: it steps only after a PrivacyStep.finish()."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        dp = self._dp
+        if dp.step is None:
+            dp.paths.private.mkdir(parents=True, exist_ok=True)
+            (dp.paths.private / "README.txt").write_text(PRIVATE_README)
+            dp.journal = PrivacyJournal(dp.paths.journal, dp.mechanism.segment)
+            dp.step = PrivacyStep(self.model, dp.mechanism, dp.budget, dp.randomness, dp.journal)
+            dp.step.attach(self.optimizer)
+        return optimizer
+
+    # ---- the loop ----
+
+    def get_train_dataloader(self) -> _StepLoader:
+        """One item per logical step: the batch itself is drawn in `training_step`, after the journal."""
+        return _StepLoader(self)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """Held-out records are encoded as the training records are (pre-tokenized ones go to the Trainer)."""
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None or "input_ids" in set(getattr(dataset, "column_names", None) or ["input_ids"]):
+            return super().get_eval_dataloader(eval_dataset)
+        p = replace(self.privacy_args, privacy_unit="record")
+        length = p.max_length or getattr(self.args, "max_length", None) or DEFAULT_MAX_LENGTH
+        examples = encode_dataset(dataset, self.processing_class, p, length).examples
+        pad = self.processing_class.pad_token_id
+        return DataLoader(examples, batch_size=self.args.eval_batch_size, collate_fn=lambda rows: collate(rows, pad))
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
+        """The planned DP steps, in one epoch (the Trainer's epoch arithmetic assumes its own sampler)."""
+        n, b, t = len(self._dp.units), self.privacy_args.expected_batch_size, self._dp.planned_steps
+        return 1, t, n, t * b, b, t, t
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        """Logical step t: journal → Poisson batch → micro-batches → clipped sum → noise → ÷ B."""
+        dp, started = self._dp, time.perf_counter()
+        t = int(inputs["dp_step"])
+        lr = self._get_learning_rate()
+        model.train()
+        dp.step.begin(t)  # the hard stop and the journal line come before any data is read
+        units = dp.sampler.sample(t)
+        losses = []
+        pad = self.processing_class.pad_token_id
+        for examples, unit_index in dp.units.micro_batches(units, self.args.per_device_train_batch_size):
+            batch = collate([dp.data.examples[i] for i in examples], pad)
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            with self.compute_loss_context_manager():
+                per_example = self.example_losses(model, batch)
+            dp.step.backward(per_example, unit_index.to(per_example.device))
+            losses.append(per_example.detach())
+        dp.step.finish()
+        dp.steps_done = t + 1
+        dp.batch_sizes.append(len(units))
+        append_row(dp.paths.metrics, {"step": t + 1, "epsilon": dp.step.epsilon, "lr": lr})
+        loss = torch.cat(losses).mean() if losses else torch.tensor(math.nan)
+        private = {
+            "step": t + 1,
+            "loss": loss.item(),
+            "batch_size": len(units),
+            "examples": dp.units.examples_of(units),
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+        append_row(dp.paths.private / "train-log.jsonl", private)
+        if not self.privacy_args.log_private_diagnostics:
+            return torch.zeros((), device=self.args.device)
+        return torch.nan_to_num(loss, nan=0.0).to(self.args.device)
+
+    def example_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) losses, each example's mean over its own target tokens (never a batch mean)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return example_losses(logits, batch["labels"])
+
+    def _clip_grad_norm(self, model: Any) -> None:
+        return None  # the DP clip is per unit, in PrivacyStep; a global clip would rescale the noise
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> None:
+        return None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Send trackers public quantities only (ε, step, lr) unless private diagnostics were asked for."""
+        if not self.privacy_args.log_private_diagnostics:
+            logs = {k: v for k, v in logs.items() if k in PUBLIC_LOG_KEYS or k.startswith(("eval_", "test_"))}
+        if self._dp.step is not None:
+            logs["epsilon"] = self._dp.step.epsilon
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any) -> TrainOutput:
+        """Train to the planned steps or the budget, whichever comes first; then write the run directory."""
+        if resume_from_checkpoint:
+            raise ConfigError(["DPTrainer cannot resume from a Trainer checkpoint yet; start a new output_dir"])
+        if self._dp.finished or self._dp.step is not None:
+            raise ConfigError(["DPTrainer.train() runs once per trainer; build a new trainer (and output_dir)"])
+        try:
+            output = super().train(trial=trial, **kwargs)
+        finally:
+            if self._dp.step is not None:
+                self._dp.step.remove()
+        self._write_run()
+        loss = output.training_loss if self.privacy_args.log_private_diagnostics else math.nan
+        metrics = {k: v for k, v in output.metrics.items() if k in PUBLIC_LOG_KEYS}
+        return TrainOutput(output.global_step, loss, {**metrics, "epsilon": self._dp.step.epsilon})
+
+    # ---- the run directory ----
+
+    @property
+    def privacy_report(self) -> dict[str, Any]:
+        """privacy.json's content (the same keys `dpft train` writes)."""
+        return privacy_report(self._report_view(), self._dp.stop_reason)
+
+    def _report_view(self) -> SimpleNamespace:
+        p, dp = self.privacy_args, self._dp
+        dtype = "bf16" if self.args.bf16 else "fp32"
+        weights = next((str(x.dtype) for x in self.model.parameters()), "")
+        config = SimpleNamespace(
+            delta=p.delta,
+            epsilon=p.target_epsilon,
+            accountant=p.accountant,
+            privacy_unit=p.privacy_unit,
+            max_records_per_user=p.max_records_per_user,
+            dtype=dtype,
+            weights_dtype="bf16" if weights == "torch.bfloat16" else "fp32",
+        )
+        stats = {
+            "records": len(dp.data.examples) + dp.data.num_dropped,
+            "examples": len(dp.data.examples),
+            "units": len(dp.units),
+            "truncated": dp.data.num_truncated,
+            "dropped": dp.data.num_dropped,
+            "duplicates": dp.data.num_duplicates,
+        }
+        return SimpleNamespace(
+            config=config, step=dp.step, journal=dp.journal, steps_done=dp.steps_done, units=dp.units,
+            planned_steps=dp.planned_steps, randomness=dp.randomness, batch_sizes=dp.batch_sizes, stats=stats,
+        )  # fmt: skip
+
+    def _write_run(self) -> None:
+        dp = self._dp
+        model = self.accelerator.unwrap_model(self.model)
+        peft = getattr(model, "peft_config", None)
+        base = peft["default"].base_model_name_or_path if peft else getattr(model, "name_or_path", "")
+        save_model(dp.paths, model, self.processing_class, "lora" if peft else "full", str(base))
+        report = self.privacy_report
+        report["trainer"] = type(self).__name__
+        view = self._report_view()
+        write_json(dp.paths.data_stats, data_report(view))
+        write_model_card(dp.paths, report, str(base))
+        write_json(dp.paths.privacy, report)  # last: privacy.json marks the run complete
+        dp.finished = True
+
+
+class _StepLoader:
+    """Yields {"dp_step": t} for the planned steps while one more step stays within the target ε."""
+
+    def __init__(self, trainer: DPTrainerMixin):
+        self._trainer = trainer
+
+    def __len__(self) -> int:
+        return self._trainer._dp.planned_steps
+
+    def __iter__(self):
+        trainer = self._trainer
+        dp = trainer._dp
+        for t in range(trainer.state.global_step, dp.planned_steps):
+            if not dp.step.within_budget():
+                dp.stop_reason = (
+                    f"stopped at the privacy budget: one more step would exceed ε = {dp.budget.target_epsilon}"
+                )
+                trainer.control.should_training_stop = True
+                return
+            yield {"dp_step": t}
+
+
+def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -> None:
+    """Refuse, before training, every setting that would void or silently change the guarantee.
+
+    Raises:
+        ConfigError: listing every problem at once.
+    """
+    problems = privacy.problems()
+    args = bound.get("args")
+    if args is None:
+        problems.append("DPTrainer needs explicit TrainingArguments (args=...), with an output_dir")
+    else:
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if getattr(args, "group_by_length", False) or strategy == "group_by_length":
+            problems.append("group_by_length: batches must be Poisson samples of units, not grouped by length")
+        elif strategy not in ("random", None):
+            problems.append(f"train_sampling_strategy={strategy!r}: the batches are dpft's Poisson samples of units")
+        if args.gradient_accumulation_steps > 1:
+            problems.append(
+                "gradient_accumulation_steps > 1: the logical batch is PrivacyArguments.expected_batch_size, "
+                "micro-batched by per_device_train_batch_size; set gradient_accumulation_steps=1"
+            )
+        if getattr(args, "packing", False):
+            problems.append("packing=True: packed sequences mix privacy units, so a unit's gradient cannot be clipped")
+        if getattr(args, "padding_free", False):
+            problems.append("padding_free=True: sequences concatenated in one row cannot be clipped per unit")
+        if args.fp16:
+            problems.append("fp16: the loss scaler rescales gradients after the noise; use bf16 or fp32")
+        if args.include_num_input_tokens_seen not in ("no", False):
+            problems.append("include_num_input_tokens_seen: the realised token count is private; set it to 'no'")
+        if args.label_smoothing_factor > 0:
+            problems.append("label_smoothing_factor > 0: the per-example loss is the plain next-token NLL")
+        if args.auto_find_batch_size:
+            problems.append("auto_find_batch_size: set per_device_train_batch_size (the micro-batch) explicitly")
+        if args.world_size > 1:
+            problems.append("distributed training: DPTrainer runs on one process (the noise is added once)")
+    if bound.get("compute_loss_func") is not None:
+        problems.append("compute_loss_func: DP needs each example's own loss (dpft's example_losses)")
+    if bound.get("formatting_func") is not None:
+        problems.append(
+            "formatting_func: the training records are encoded by dpft (prompt/completion, text or messages); "
+            "format the dataset before passing it"
+        )
+    if bound.get("model_init") is not None:
+        problems.append("model_init (hyperparameter search): each trial would spend budget on the same data")
+    for name in ("_get_train_sampler", "get_train_dataloader", "training_step", "_clip_grad_norm"):
+        if getattr(cls, name) is not getattr(DPTrainerMixin, name, getattr(Trainer, name)):
+            problems.append(f"{cls.__name__} overrides {name}: the DP sampler and step must not be replaced")
+    train, evals = bound.get("train_dataset"), bound.get("eval_dataset")
+    evals = list(evals.values()) if isinstance(evals, dict) else [evals]
+    if train is not None and any(e is not None and _same_data(e, train) for e in evals):
+        problems.append("eval_dataset is the training set: its losses are not covered by DP; evaluate on held-out data")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    fingerprint = getattr(a, "_fingerprint", None)
+    return fingerprint is not None and fingerprint == getattr(b, "_fingerprint", None)
+
+
+class DPTrainer(DPTrainerMixin, Trainer):
+    """`transformers.Trainer` with DP-SGD: pass `privacy_args=PrivacyArguments(...)` next to `args`.
+
+    The train_dataset holds records (prompt/completion, text or messages, as for `dpft train`) or
+    pre-tokenized rows (input_ids, optional labels); `processing_class` is the tokenizer.
+    """

@@ -1,0 +1,236 @@
+"""dpft.hf.DPTrainer: the Trainer drop-in runs the same DP-SGD as `dpft train`, refuses what would
+void the guarantee, and keeps losses away from trackers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, TrainingArguments
+
+import dpft
+from dpft.errors import ConfigError
+from dpft.hf import DPTrainer, PrivacyArguments
+from dpft.models import load_base_model, with_lora
+from dpft.privacy.sampling import PoissonSampler
+
+CORE_KEYS = (
+    "dp", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size",
+    "steps", "planned_steps", "target_epsilon", "accountant", "segments", "sampling", "privacy_unit",
+    "max_records_per_user", "num_units", "randomness", "stop_reason",
+)  # fmt: skip
+
+
+def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
+    rows = [
+        {
+            "prompt": f"record {i}: patient {i % users} has",
+            "completion": f" condition {i % 7}",
+            "user_id": f"u{i % users}",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def records(path: Path) -> Dataset:
+    return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
+
+
+def lora_model(model_dir: str):
+    torch.manual_seed(0)  # as `dpft train` with seed=0: the adapters' initialisation
+    loaded = load_base_model(model_dir)
+    return with_lora(loaded.model, 8, 16.0, "q_proj,v_proj"), loaded.tokenizer
+
+
+def training_args(out: Path, **extra) -> TrainingArguments:
+    opts = dict(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no",
+        logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    return TrainingArguments(**{**opts, **extra})
+
+
+def privacy(**extra) -> PrivacyArguments:
+    return PrivacyArguments(
+        **{"target_epsilon": 8.0, "delta": 1e-3, "expected_batch_size": 8, "max_length": 64, "unsafe_seed": 7, **extra}
+    )
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Every Poisson draw, as (step, units)."""
+    draws: list[tuple[int, list[int]]] = []
+    original = PoissonSampler.sample
+
+    def sample(self, step):
+        units = original(self, step)
+        draws.append((step, units.tolist()))
+        return units
+
+    monkeypatch.setattr(PoissonSampler, "sample", sample)
+    return draws
+
+
+def dp_trainer(tmp_path, tiny_model_dir, data=None, args=None, priv=None, **kwargs) -> DPTrainer:
+    model, tokenizer = lora_model(tiny_model_dir)
+    data = data if data is not None else records(write_records(tmp_path / "d.jsonl"))
+    return DPTrainer(
+        model=model,
+        args=args or training_args(tmp_path / "hf"),
+        train_dataset=data,
+        processing_class=tokenizer,
+        privacy_args=priv or privacy(),
+        **kwargs,
+    )
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_same_batches_epsilon_and_weights_as_dpft_train(tmp_path, tiny_model_dir, sampled):
+    data = write_records(tmp_path / "d.jsonl")
+    report = dpft.train(
+        str(data), str(tmp_path / "cli"), model=tiny_model_dir, batch_size=8, micro_batch_size=4, max_steps=4,
+        lr=1e-2, max_length=64, quiet=True, epsilon=8.0, delta=1e-3, checkpoint_every=0, unsafe_seed=7, dtype="fp32",
+    )  # fmt: skip
+    cli_draws = list(sampled)
+    sampled.clear()
+    trainer = dp_trainer(tmp_path, tiny_model_dir, data=records(data))
+    out = trainer.train()
+    assert sampled == cli_draws and len(cli_draws) == 4
+    privacy_json = json.loads((tmp_path / "hf" / "privacy.json").read_text())
+    assert {k: privacy_json[k] for k in CORE_KEYS} == {k: report[k] for k in CORE_KEYS}
+    assert out.metrics["epsilon"] == pytest.approx(report["epsilon"]) and out.training_loss != out.training_loss
+    cli = {n: p for n, p in dpft.models.load_run_model(tmp_path / "cli").model.named_parameters()}
+    hf = {n: p for n, p in dpft.models.load_run_model(tmp_path / "hf").model.named_parameters()}
+    assert cli.keys() == hf.keys()
+    base = dict(load_base_model(tiny_model_dir).model.named_parameters())
+    assert any(not torch.equal(hf[n], base[n]) for n in hf)  # the steps did train the model
+    # Both use torch AdamW, constant lr; only the order of float operations may differ.
+    for name in cli:
+        torch.testing.assert_close(hf[name], cli[name], rtol=1e-4, atol=1e-5)
+    for name in ("metrics.jsonl", "private/journal.jsonl", "model/README.md", "private/train-log.jsonl"):
+        assert (tmp_path / "hf" / name).is_file()
+
+
+@pytest.mark.parametrize(
+    ("args_extra", "priv_extra", "needle"),
+    [
+        ({"train_sampling_strategy": "group_by_length"}, {}, "group_by_length"),
+        ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps"),
+        ({"include_num_input_tokens_seen": "all"}, {}, "include_num_input_tokens_seen"),
+        ({"label_smoothing_factor": 0.1}, {}, "label_smoothing_factor"),
+        ({"max_steps": 1000}, {"target_epsilon": None, "noise_multiplier": 1.0}, "target_epsilon is required"),
+        ({}, {"privacy_unit": "people"}, "privacy_unit"),
+    ],
+)
+def test_unsafe_settings_are_refused(tmp_path, tiny_model_dir, args_extra, priv_extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        dp_trainer(
+            tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", **args_extra), priv=privacy(**priv_extra)
+        )
+    assert not (tmp_path / "hf" / "private").exists()
+
+
+def test_evaluation_on_the_training_set_is_refused(tmp_path, tiny_model_dir):
+    data = records(write_records(tmp_path / "d.jsonl"))
+    with pytest.raises(ConfigError, match="eval_dataset is the training set"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, eval_dataset=data)
+    with pytest.raises(ConfigError, match="eval_dataset is the training set"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, eval_dataset={"train": data})
+
+
+def test_a_custom_sampler_or_loss_is_refused(tmp_path, tiny_model_dir):
+    class Shuffled(DPTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return None
+
+    model, tokenizer = lora_model(tiny_model_dir)
+    data = records(write_records(tmp_path / "d.jsonl"))
+    with pytest.raises(ConfigError, match="overrides _get_train_sampler"):
+        Shuffled(model=model, args=training_args(tmp_path / "hf"), train_dataset=data, processing_class=tokenizer)
+    with pytest.raises(ConfigError, match="compute_loss_func"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, compute_loss_func=lambda *a, **k: 0)
+
+
+def test_a_micro_batch_smaller_than_a_user_is_refused(tmp_path, tiny_model_dir):
+    args = training_args(tmp_path / "hf", per_device_train_batch_size=2)
+    with pytest.raises(ConfigError, match="micro-batch"):
+        dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(privacy_unit="user", max_records_per_user=4))
+
+
+def test_packing_is_refused_for_sft(tmp_path, tiny_model_dir):
+    trl = pytest.importorskip("trl")
+    from dpft.hf import DPSFTTrainer
+
+    model, tokenizer = lora_model(tiny_model_dir)
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), packing=True, report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="packing"):
+        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
+                     processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="formatting_func"):
+        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
+                     processing_class=tokenizer, privacy_args=privacy(), formatting_func=lambda r: r["prompt"])  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_trackers_see_no_loss_unless_opted_in(tmp_path, tiny_model_dir):
+    recorder = Recorder()
+    trainer = dp_trainer(tmp_path, tiny_model_dir, callbacks=[recorder])
+    trainer.train()
+    keys = {k for logs in recorder.logs for k in logs}
+    assert recorder.logs and {"epsilon", "learning_rate"} <= keys
+    assert not any("loss" in k or "grad_norm" in k or "tokens" in k for k in keys), keys
+    assert all("loss" not in str(entry) for entry in trainer.state.log_history)
+    eps = [logs["epsilon"] for logs in recorder.logs if "learning_rate" in logs]
+    assert eps == sorted(eps) and eps[-1] <= 8.0
+
+    opted = Recorder()
+    args = training_args(tmp_path / "hf2", max_steps=2)
+    trainer = dp_trainer(
+        tmp_path, tiny_model_dir, args=args, priv=privacy(log_private_diagnostics=True), callbacks=[opted]
+    )
+    out = trainer.train()
+    assert any("loss" in logs for logs in opted.logs) and out.training_loss == out.training_loss
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_hard_stop_at_the_budget_and_user_level(tmp_path, tiny_model_dir):
+    """σ given: the run stops when one more step would pass the target, as `dpft train` does."""
+    priv = privacy(
+        noise_multiplier=1.0, target_epsilon=2.0, expected_batch_size=2, privacy_unit="user", max_records_per_user=2
+    )
+    trainer = dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", max_steps=200), priv=priv)
+    out = trainer.train()
+    report = json.loads((tmp_path / "hf" / "privacy.json").read_text())
+    assert report["stop_reason"].startswith("stopped at the privacy budget")
+    assert 0 < report["steps"] == out.global_step < 200 and report["epsilon"] <= 2.0
+    assert report["privacy_unit"] == "user" and report["num_units"] == 10
+    journal = (tmp_path / "hf" / "private" / "journal.jsonl").read_text().splitlines()
+    assert len(journal) == report["steps"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_evaluation_on_held_out_records_during_training(tmp_path, tiny_model_dir):
+    recorder = Recorder()
+    held_out = records(write_records(tmp_path / "held.jsonl", n=8))
+    args = training_args(
+        tmp_path / "hf", max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4
+    )
+    dp_trainer(tmp_path, tiny_model_dir, args=args, eval_dataset=held_out, callbacks=[recorder]).train()
+    evals = [logs for logs in recorder.logs if "eval_loss" in logs]
+    assert len(evals) == 2 and all("epsilon" in logs for logs in evals)
+    assert (tmp_path / "hf" / "privacy.json").is_file()
