@@ -140,3 +140,12 @@ def test_secure_sampler_follows_the_poisson_law():
     n, q, steps = 1000, 0.03, 400
     sampler = PoissonSampler(n, q, Randomness.secure())
     assert batch_size_consistency([sampler.sample(t).size for t in range(steps)], n, q) > 1e-6
+
+
+def test_micro_batches_pack_similar_lengths_together():
+    unit_examples = [[0], [1], [2], [3]]
+    lengths = [5, 90, 7, 88]
+    units = PrivacyUnits(unit_examples, ["a", "b", "c", "d"], None, Randomness.secure(), lengths)
+    batches = [mb for mb, _ in units.micro_batches([0, 1, 2, 3], micro_batch_size=2)]
+    assert batches == [[1, 3], [2, 0]]  # the two long records share a micro-batch, the short ones the other
+    assert sorted(i for mb in batches for i in mb) == [0, 1, 2, 3]  # every sampled unit, once

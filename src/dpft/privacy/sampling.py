@@ -91,6 +91,9 @@ class PrivacyUnits:
         unit_ids: One stable id per unit (keys the seeded cap, so no user's choice depends on another).
         cap: At most this many examples per unit (user-level DP), or None (record-level: one each).
         randomness: Where the cap's choice comes from.
+        lengths: Each example's token count, if known: sampled units are then packed longest first,
+            so micro-batches hold similar lengths (less padding). A function of the batch's own
+            examples only, so it changes no privacy property.
 
     Raises:
         ConfigError: If cap < 1.
@@ -102,6 +105,7 @@ class PrivacyUnits:
         unit_ids: Sequence[str],
         cap: int | None,
         randomness: Randomness,
+        lengths: Sequence[int] | None = None,
     ):
         if cap is not None and cap < 1:
             raise ConfigError([f"--max-records-per-user must be at least 1, got {cap}"])
@@ -112,6 +116,9 @@ class PrivacyUnits:
         self.example_unit = np.full(count, -1, dtype=np.int64)  # -1: an example the cap left out
         for u, examples in enumerate(self.unit_examples):
             self.example_unit[examples] = u
+        self._longest = (
+            None if lengths is None else [max((lengths[i] for i in e), default=0) for e in self.unit_examples]
+        )
 
     def __len__(self) -> int:
         return len(self.unit_examples)
@@ -126,6 +133,8 @@ class PrivacyUnits:
         Raises:
             ConfigError: If micro_batch_size < 1 or a sampled unit alone exceeds it.
         """
+        if self._longest is not None:
+            units = sorted(units, key=lambda u: -self._longest[u])
         batches = micro_batches(units, self.unit_examples, micro_batch_size)
         return [(mb, torch.from_numpy(np.unique(self.example_unit[mb], return_inverse=True)[1])) for mb in batches]
 
