@@ -23,6 +23,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from dpft.run_layout import RunPaths
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,7 +68,7 @@ def _train(a: argparse.Namespace, data: Path, out: Path, nproc: int, threads: in
 
 
 def _summary(run: Path, wall: float) -> dict:
-    rows = [json.loads(r) for r in (run / "private" / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(r) for r in RunPaths(run).train_log.read_text().splitlines()]
     seconds = [r["seconds"] for r in rows]
     return {
         "steps": len(rows),
