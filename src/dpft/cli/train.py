@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,30 @@ def train_command(ctx: typer.Context, config: Path | None = None, json_out: bool
     from dpft.training.recipe import train
 
     cfg = _resolve(ctx, config, values)
+    if cfg.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside torchrun: launch it
+        from dpft.training.distributed import launch
+
+        raise typer.Exit(launch(cfg.nproc_per_node, _launch_args(ctx, config, json_out, values)))
     report = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 alone reports
+        return
     if json_out:
         print(json.dumps(report, indent=2))
     else:
         _summary(report, cfg.resume or cfg.output)
+
+
+def _launch_args(ctx: typer.Context, config: Path | None, json_out: bool, values: dict[str, Any]) -> list[str]:
+    """The `dpft train` arguments as typed (each rank re-resolves them the same way)."""
+    args = (["--config", str(config)] if config else []) + (["--json"] if json_out else [])
+    for name, value in values.items():
+        if getattr(ctx.get_parameter_source(name), "name", None) == "DEFAULT" or value is None:
+            continue
+        if isinstance(value, bool):
+            args += [_flag(name)] if value else []
+        else:
+            args += [_flag(name), str(value)]
+    return args
 
 
 def _summary(report: dict[str, Any], output: str) -> None:

@@ -76,6 +76,18 @@ class Journal(Protocol):
     def record(self, segment: Segment) -> None: ...
 
 
+class Reducer(Protocol):
+    """Sums the step's fp32 clipped sums over the ranks of a data-parallel run, in place.
+
+    `adds_noise` is True on exactly one rank: the noise is drawn there, before the reduce, so the
+    reduced sum holds it once (privacy/distributed.py, `AllReduceSums`).
+    """
+
+    adds_noise: bool
+
+    def reduce(self, tensors: list[Tensor]) -> None: ...
+
+
 class MemoryJournal:
     """A journal in memory (tests, and callers that persist it themselves)."""
 
@@ -105,15 +117,24 @@ class PrivacyStep:
         budget: δ, accountant and the optional hard stop.
         randomness: Where the noise comes from (secure unless explicitly seeded).
         journal: Where each step is recorded before it touches the data.
+        reducer: Data-parallel runs only: sums the ranks' clipped sums in `finish`, after the
+            noise (added on the one rank whose reducer `adds_noise`) and before ÷ B.
 
     Raises:
         ConfigError: C is not positive, or the model has a module dpft cannot clip.
     """
 
     def __init__(
-        self, model: nn.Module, mechanism: Mechanism, budget: Budget, randomness: Randomness, journal: Journal
+        self,
+        model: nn.Module,
+        mechanism: Mechanism,
+        budget: Budget,
+        randomness: Randomness,
+        journal: Journal,
+        reducer: Reducer | None = None,
     ):
         self.mechanism, self.budget = mechanism, budget
+        self._reducer = reducer
         self._randomness, self._journal = randomness, journal
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._engine = PerUnitClipper(model, mechanism.max_grad_norm) if mechanism.dp else PlainAccumulator(model)
@@ -175,12 +196,17 @@ class PrivacyStep:
         The noise goes onto the fp32 sums before anything is rounded to the weights' dtype: a
         rounding before the noise would depend on the other units and could move the sum by more
         than C. An empty step (no unit sampled) is noised like any other.
+
+        Data-parallel (a reducer): only the rank whose reducer `adds_noise` draws the noise, onto
+        its own sums; then one all-reduce sums every rank's, so the total holds it exactly once.
         """
         self._expect(_OPEN, "finish")
         sums = self._engine.take_sums()
         m = self.mechanism
-        if m.dp:
+        if m.dp and (self._reducer is None or self._reducer.adds_noise):
             add_gaussian_noise(list(sums.values()), m.noise_multiplier * m.max_grad_norm, self._randomness, self._step)
+        if self._reducer is not None:
+            self._reducer.reduce(list(sums.values()))
         for name, total in sums.items():
             param = self._params[name]
             param.grad = total.div_(m.expected_batch_size).to(param.dtype)

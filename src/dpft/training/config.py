@@ -24,7 +24,7 @@ from dpft.privacy.accounting import ACCOUNTANTS
 from dpft.training.schedule import SCHEDULES
 
 # Fields that describe this invocation, not the run's settings: never saved in config.yaml.
-RUN_ONLY = ("unsafe_seed", "resume", "quiet")
+RUN_ONLY = ("unsafe_seed", "resume", "quiet", "device", "nproc_per_node")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -110,6 +110,12 @@ class TrainConfig:
     )
     resume: str | None = _opt(None, "Resume the run in this directory after a crash (its saved config is used).")
     quiet: bool = _opt(False, "No progress bar.")
+    device: str = _opt("auto", "Compute device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    nproc_per_node: int = _opt(
+        1,
+        "Data-parallel processes on this node (launched through torch.distributed.run; one GPU each on CUDA, "
+        "gloo on CPU). Same privacy: one Poisson draw and one noise draw per step, whatever the count.",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError listing every invalid setting at once."""

@@ -41,6 +41,7 @@ from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
 from dpft.training.budget import DatasetBudget
 from dpft.training.config import RUN_ONLY, TrainConfig
+from dpft.training.distributed import Parallel
 from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
 from dpft.training.progress import Progress
@@ -80,29 +81,35 @@ class Run:
     prefix: PrefixCache | None = None  # frozen blocks' outputs, computed once per example
     steps_done: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # private: realised Poisson draws
+    par: Parallel = field(default_factory=Parallel)  # device and data-parallel rank; rank 0 alone writes
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tune and return its privacy report (privacy.json content)."""
     run = setup(config)
     c = run.config
-    announce(run.dtype)  # after every check in setup: an error stays the only line
+    if run.par.is_main:
+        announce(run.dtype, run.par.device)  # after every check in setup: an error stays the only line
     stop_reason = "completed the planned steps"
     run.model.train()
     label = "plain fine-tune" if c.no_dp else "DP fine-tune"
-    with Progress(run.planned_steps, c.epsilon if not c.no_dp else None, quiet=c.quiet, label=label) as progress:
+    quiet = c.quiet or not run.par.is_main
+    with Progress(run.planned_steps, c.epsilon if not c.no_dp else None, quiet=quiet, label=label) as progress:
         for t in range(run.steps_done, run.planned_steps):
             if not run.step.within_budget():
                 stop_reason = f"stopped at the privacy budget: one more step would exceed ε = {c.epsilon}"
                 break
             _train_step(run, t)
             progress.update(run.steps_done, run.step.epsilon)
-            if c.checkpoint_every and run.steps_done % c.checkpoint_every == 0:
+            if c.checkpoint_every and run.steps_done % c.checkpoint_every == 0 and run.par.is_main:
                 _checkpoint(run)
     run.step.remove()
-    if run.step.mechanism.dp:
+    if run.step.mechanism.dp and run.par.is_main:
         run.budget.record(c, run.paths.root, run.journal.segments())
-    return _finish(run, stop_reason)
+    report = _finish(run, stop_reason) if run.par.is_main else privacy_report(run, stop_reason)
+    run.par.barrier()  # the other ranks return once rank 0 has written privacy.json
+    run.par.close()
+    return report
 
 
 def _train_step(run: Run, t: int) -> None:
@@ -112,11 +119,13 @@ def _train_step(run: Run, t: int) -> None:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.step.begin(t)  # the hard stop and the journal line come before any data is read
-    units = run.sampler.sample(t)
+    units = run.sampler.sample(t)  # data-parallel: drawn on rank 0, the same on every rank
+    mine = run.par.local_units(units, run.units.unit_examples, run.examples)  # all of them in one process
     losses = []
-    for examples, unit_index in run.units.micro_batches(units, c.micro_batch_size):
-        batch = collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id)
-        with autocast(run.dtype):
+    for examples, unit_index in run.units.micro_batches(mine, c.micro_batch_size):
+        batch = _on(collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id), run.par.device)
+        unit_index = unit_index.to(run.par.device)
+        with autocast(run.dtype, run.par.device):
             if run.prefix is not None:
                 per_example = run.prefix.losses(run.model, examples, batch)
             else:
@@ -124,15 +133,18 @@ def _train_step(run: Run, t: int) -> None:
                 per_example = example_losses(logits, batch["labels"])
         run.step.backward(per_example, unit_index)
         losses.append(per_example.detach())
-    run.step.finish()
+    run.step.finish()  # data-parallel: noise on rank 0 only, then one all-reduce of the clipped sums
     run.optimizer.step()
     run.steps_done = t + 1
     run.batch_sizes.append(len(units))
+    loss = run.par.mean_loss(losses)
+    if not run.par.is_main:
+        return
     append_row(run.paths.metrics, {"step": t + 1, "epsilon": run.step.epsilon, "lr": lr})
     seconds = time.perf_counter() - started
     private = {
         "step": t + 1,
-        "loss": torch.cat(losses).mean().item() if losses else math.nan,
+        "loss": loss,
         "batch_size": len(units),
         "examples": run.units.examples_of(units),
         "seconds": round(seconds, 4),
@@ -144,7 +156,8 @@ def setup(config: TrainConfig) -> Run:
     """Validate, read and encode the data, load the model, plan σ, and build every part of the run."""
     paths, config, seed = _open_run(config) if config.resume else (None, config, config.unsafe_seed)
     config.validate()
-    dtype = resolve_dtype(config.dtype)
+    par = Parallel.from_env(config.device)  # torchrun's rank and process group, if any; else one process
+    dtype = resolve_dtype(config.dtype, par.device)
     config = replace(config, dtype=dtype_name(dtype))  # config.yaml records what runs; a resume runs the same
     torch.manual_seed(config.seed)  # the adapters' initialisation: public, never the DP randomness
     randomness = Randomness.secure() if seed is None else Randomness.unsafe_seeded(seed)
@@ -160,18 +173,16 @@ def setup(config: TrainConfig) -> Run:
     mechanism, allowed = _plan_mechanism(config, q, planned, len(units))
     budget = DatasetBudget.open(config)
     planned_segments = [Segment(q, mechanism.noise_multiplier, min(planned, allowed))] if mechanism.dp else []
-    model = _adapted(loaded.model, config)  # LoRA target errors: before anything is written
+    model = _adapted(loaded.model, config).to(par.device)  # LoRA target errors: before anything is written
     if not config.no_dp:  # a model the engine cannot clip is refused before anything is written
         check_trainable(model, len(loaded.tokenizer))
     if paths is None:
         budget.check(config, planned_segments)  # before anything is written
-        paths = create_run_dir(config.output)
-        config.save(paths.config)
-        _save_state(paths, config, seed)
-        budget.record(config, paths.root, planned_segments)
-    journal = PrivacyJournal(paths.journal, mechanism.segment)
+        par.barrier()  # every rank checked the ledger before rank 0 records this run in it
+        paths = _create_run(config, seed, budget, planned_segments) if par.is_main else RunPaths(Path(config.output))
+    journal = par.journal(PrivacyJournal(paths.journal, mechanism.segment))  # rank 0 writes, all wait for it
     budget_spec = Budget(config.delta, config.accountant, None if config.no_dp else config.epsilon)
-    step = PrivacyStep(model, mechanism, budget_spec, randomness, journal)
+    step = PrivacyStep(model, mechanism, budget_spec, randomness, journal, reducer=par.reducer())
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     step.attach(optimizer)
@@ -185,12 +196,29 @@ def setup(config: TrainConfig) -> Run:
     }
     run = Run(
         config, paths, model, loaded.tokenizer, data.examples, units, randomness,
-        PoissonSampler(len(units), q, randomness), journal, step, optimizer, budget, planned, stats, dtype,
+        par.sampler(PoissonSampler(len(units), q, randomness)), journal, step, optimizer, budget, planned, stats,
+        dtype,
     )  # fmt: skip
+    run.par = par
     run.prefix = _prefix_cache(run)
     if config.resume:
         _restore(run)
+    par.sync_parameters(model)  # every rank starts from rank 0's weights
     return run
+
+
+def _create_run(config: TrainConfig, seed: int | None, budget: DatasetBudget, planned: list[Segment]) -> RunPaths:
+    """The run directory, its settings and its planned spend in the ledger (rank 0 only)."""
+    paths = create_run_dir(config.output)
+    config.save(paths.config)
+    _save_state(paths, config, seed)
+    budget.record(config, paths.root, planned)
+    return paths
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on the run's device (the same tensors on CPU)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _prefix_cache(run: Run) -> PrefixCache | None:
@@ -208,7 +236,7 @@ def _prefix_cache(run: Run) -> PrefixCache | None:
         if tokens * hidden * 4 > PREFIX_CACHE_BYTES:
             return None
         kept = [i for unit in run.units.unit_examples for i in unit]
-        with autocast(run.dtype):
+        with autocast(run.dtype, run.par.device):
             return PrefixCache.build(run.model, run.examples, only=kept)
     except ConfigError:
         return None
@@ -245,7 +273,8 @@ def _open_run(config: TrainConfig) -> tuple[RunPaths, TrainConfig, int | None]:
         raise DpftError(f"--resume {config.resume}: not a dpft run directory (no config.yaml or private/state.json)")
     if paths.privacy.is_file():
         raise DpftError(f"--resume {config.resume}: this run already finished (privacy.json exists)")
-    saved = replace(TrainConfig.load(paths.config), resume=config.resume, quiet=config.quiet)
+    invocation = {k: getattr(config, k) for k in ("resume", "quiet", "device", "nproc_per_node")}
+    saved = replace(TrainConfig.load(paths.config), **invocation)
     state = json.loads(paths.state.read_text())
     if state.get("settings") != settings_hash(saved):
         raise DpftError(f"{paths.config}: changed since the run was created; refusing to resume with other settings")
@@ -288,8 +317,9 @@ def _restore(run: Run) -> None:
     """
     paths = run.paths
     if not (paths.checkpoints / "latest").is_file():
-        truncate_rows(paths.metrics, 0)
-        truncate_rows(paths.train_log, 0)
+        if run.par.is_main:
+            truncate_rows(paths.metrics, 0)
+            truncate_rows(paths.train_log, 0)
         return
     weights, opt_state, state = ckpt.load_checkpoint(paths.checkpoints, settings_hash(run.config))
     params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
@@ -300,8 +330,9 @@ def _restore(run: Run) -> None:
             params[name].copy_(tensor)
     run.optimizer.load_state_dict(opt_state)
     run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
-    truncate_rows(paths.metrics, run.steps_done)
-    truncate_rows(paths.train_log, run.steps_done)
+    if run.par.is_main:
+        truncate_rows(paths.metrics, run.steps_done)
+        truncate_rows(paths.train_log, run.steps_done)
 
 
 def _finish(run: Run, stop_reason: str) -> dict[str, Any]:

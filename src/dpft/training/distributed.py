@@ -1,0 +1,151 @@
+"""The recipe's view of data parallelism: which rank this process is, and what it may do.
+
+`Parallel.from_env` reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
+Without it (or with WORLD_SIZE=1) every method is the identity and the recipe runs exactly as a
+single process: no process group, no collective, byte-identical results.
+
+With W > 1 processes (`torchrun --nproc-per-node W -m dpft.cli.main train …`, or
+`dpft train --nproc-per-node W …`, which launches that):
+
+- the process group is gloo on CPU, nccl on CUDA (one GPU per process: cuda:LOCAL_RANK);
+- rank 0 alone writes: the run directory, config, journal (fsynced, then a barrier), metrics,
+  private logs, checkpoints, ledger, model and privacy.json;
+- every step's Poisson draw comes from rank 0 (`BroadcastSampler`); the sampled units are split
+  by token count (`split_units`); each rank clips its share; `PrivacyStep.finish` noises on rank 0
+  only and all-reduces once (`AllReduceSums`) — see privacy/distributed.py for why that is the
+  single-process mechanism exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dpft.errors import ConfigError
+from dpft.models.device import resolve_device
+from dpft.privacy.distributed import AllReduceSums, BroadcastJournal, BroadcastSampler, split_units
+
+
+@dataclass
+class Parallel:
+    """This process's place in a run: the single process, or one rank of W."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # we initialised the process group, so `close` tears it down
+
+    @classmethod
+    def from_env(cls, requested_device: str = "auto") -> Parallel:
+        """Single process unless torchrun's WORLD_SIZE > 1; then join (or create) the process group.
+
+        Raises:
+            ConfigError: A bad --device, or an environment that names a rank without a world.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(device=resolve_device(requested_device))
+        if "RANK" not in os.environ:
+            raise ConfigError(
+                ["WORLD_SIZE is set but RANK is not: launch with torchrun or dpft train --nproc-per-node"]
+            )
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+        device = resolve_device(requested_device, local_rank)
+        owns = False
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes anything."""
+        return self.rank == 0
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def sampler(self, sampler):
+        return BroadcastSampler(sampler, device=self._comm_device()) if self.distributed else sampler
+
+    def journal(self, journal):
+        return BroadcastJournal(journal) if self.distributed else journal
+
+    def reducer(self) -> AllReduceSums | None:
+        return AllReduceSums() if self.distributed else None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def local_units(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> np.ndarray:
+        """This rank's share of the sampled units (all of them in a single process), balanced by tokens."""
+        if not self.distributed:
+            return units
+        weights = [sum(len(examples[i].input_ids) for i in unit_examples[u]) for u in units]
+        return np.asarray(split_units(list(units), weights, self.world_size)[self.rank], dtype=np.int64)
+
+    def mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """Mean per-example loss of the whole logical step (private bookkeeping, outside the DP sum)."""
+        if not self.distributed:
+            return torch.cat(losses).mean().item() if losses else float("nan")
+        total = torch.cat(losses).double().sum().item() if losses else 0.0
+        count = sum(x.numel() for x in losses)
+        both = torch.tensor([total, float(count)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(both)
+        total, count = both[0].item(), int(both[1].item())
+        return total / count if count else float("nan")
+
+    def sync_parameters(self, model: torch.nn.Module) -> None:
+        """Start every rank from rank 0's trainable weights (initialisation or checkpoint)."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, group_src=0)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def launch(nproc_per_node: int, train_args: Sequence[str]) -> int:
+    """`dpft train --nproc-per-node N …`: run `torchrun --nproc-per-node N -m dpft.cli.main train …`.
+
+    Args:
+        nproc_per_node: N ≥ 2 processes on this node.
+        train_args: The `dpft train` arguments, without --nproc-per-node.
+
+    Returns:
+        0 when every rank succeeded.
+
+    Raises:
+        ConfigError: N < 1, or more CUDA processes than GPUs.
+    """
+    if nproc_per_node < 1:
+        raise ConfigError([f"--nproc-per-node must be >= 1 (got {nproc_per_node})"])
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    argv = ["--standalone", "--nproc-per-node", str(nproc_per_node), "-m", "dpft.cli.main", "train", *train_args]
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except Exception as err:  # torchrun's ChildFailedError: the ranks' own errors are already on stderr
+        print(f"error: a training process failed ({type(err).__name__})", file=sys.stderr)
+        return 1
+    return 0
