@@ -116,6 +116,13 @@ MUTATIONS = [
         "def mixes_examples(module: nn.Module) -> str | None:\n    return None\n",
         ("tests/test_engine_mixing.py::test_batch_statistics_are_refused_at_attach",),
     ),
+    Mutation(
+        "noise added on every rank (data parallel)",
+        "privacy/step.py",
+        "if m.dp and (self._reducer is None or self._reducer.adds_noise):",
+        "if m.dp:",
+        ("tests/test_distributed.py::test_noise_is_added_once_not_on_every_rank",),
+    ),
 ]
 
 
@@ -134,7 +141,7 @@ def _mutated_copy(tmp_path: Path, m: Mutation) -> Path:
 def test_mutation_is_caught(tmp_path: Path, m: Mutation) -> None:
     src = _mutated_copy(tmp_path, m)
     env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "slow or not slow", *m.tests]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, f"'{m.name}' was not caught:\n{result.stdout[-2000:]}"
 
