@@ -79,18 +79,34 @@ def test_per_example_norms_are_accepted(norm, units: list[int]) -> None:
 class Flattened(nn.Module):
     """Runs its Linear on (batch·tokens, features) rows, as some mixture-of-experts blocks do."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop_first_row: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(4, 4)
+        self.drop_first_row = drop_first_row
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.flatten(0, 1)).view_as(x)
+        rows = x.flatten(0, 1)
+        if self.drop_first_row:  # rows no longer in step with the examples
+            return x + self.proj(rows[1:]).mean()
+        return self.proj(rows).view_as(x)
 
 
-def test_flattened_rows_are_refused_as_flattened() -> None:
+def test_example_major_flattened_rows_are_clipped_per_example() -> None:
+    """(B·T, d) rows in example-major order (row r belongs to example r // T): the token rule."""
     model = Flattened()
+    x = torch.randn(3, 5, 4)
+    clipper = PerUnitClipper(model, 0.5)
+    norms = clipper.backward(model(x).sum((1, 2)), torch.arange(3))
+    clipper.remove()
+    for e in range(3):  # each example alone: its own norm
+        model.zero_grad()
+        model(x[e : e + 1]).sum().backward()
+        alone = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        torch.testing.assert_close(norms[e], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_out_of_step_with_the_examples_are_refused() -> None:
+    model = Flattened(drop_first_row=True)
     clipper = PerUnitClipper(model, 1.0)
-    with pytest.raises(
-        ConfigError, match=r"module 'proj' .* 15 = 3 × 5 rows for 3 examples: the examples were flattened"
-    ):
+    with pytest.raises(ConfigError, match=r"module 'proj' got an input of 14 rows for 3 examples"):
         clipper.backward(model(torch.randn(3, 5, 4)).sum((1, 2)), torch.arange(3))

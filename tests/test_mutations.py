@@ -56,8 +56,8 @@ MUTATIONS = [
     Mutation(
         "empty steps skipped",
         "privacy/step.py",
-        "        if m.dp:\n            add_gaussian_noise(",
-        "        if m.dp and any(s.any() for s in sums.values()):\n            add_gaussian_noise(",
+        "if m.dp and (self._reducer is None or self._reducer.adds_noise):",
+        "if m.dp and (self._reducer is None or self._reducer.adds_noise) and any(s.any() for s in sums.values()):",
         ("tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",),
     ),
     Mutation(
