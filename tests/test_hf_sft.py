@@ -38,6 +38,7 @@ def test_dp_sft_on_chat_records_trains_on_assistant_turns(tmp_path, tiny_model_d
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
         max_length=64, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL's default True is refused (not yet validated with the DP engine)
     )  # fmt: skip
     privacy = PrivacyArguments(target_epsilon=8.0, delta=1e-3, expected_batch_size=6, unsafe_seed=3)
     trainer = DPSFTTrainer(

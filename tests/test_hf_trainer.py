@@ -12,9 +12,11 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 import dpft
-from dpft.errors import ConfigError
+from dpft.errors import BudgetExceededError, ConfigError
 from dpft.hf import DPTrainer, PrivacyArguments
-from dpft.models import load_base_model, with_lora
+from dpft.hf.budget import dataset_fingerprint
+from dpft.ledger import BudgetLedger
+from dpft.models import load_base_model, precision, with_lora
 from dpft.privacy.sampling import PoissonSampler
 
 CORE_KEYS = (
@@ -234,3 +236,122 @@ def test_evaluation_on_held_out_records_during_training(tmp_path, tiny_model_dir
     evals = [logs for logs in recorder.logs if "eval_loss" in logs]
     assert len(evals) == 2 and all("epsilon" in logs for logs in evals)
     assert (tmp_path / "hf" / "privacy.json").is_file()
+
+
+# ---- the dataset budget ledger, public/private files, guards ----
+
+
+def public_files(root: Path) -> list[Path]:
+    """Everything in the run directory outside private/: what may ship with the model."""
+    return [f for f in root.rglob("*") if f.is_file() and "private" not in f.relative_to(root).parts]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_ledger_records_the_run_settings_are_public_and_the_seed_is_not(tmp_path, tiny_model_dir, monkeypatch):
+    data = records(write_records(tmp_path / "d.jsonl"))
+    fingerprint = dataset_fingerprint(data)
+    recorded: list[tuple] = []
+    original = BudgetLedger.record_run
+
+    def record_run(self, fp, entry):
+        journal = tmp_path / "hf" / "private" / "journal.jsonl"
+        recorded.append((entry.segments, journal.is_file() and journal.read_text() != ""))
+        return original(self, fp, entry)
+
+    monkeypatch.setattr(BudgetLedger, "record_run", record_run)
+    priv = privacy(unsafe_seed=48151623, dataset_budget=50.0)
+    dp_trainer(tmp_path, tiny_model_dir, data=data, priv=priv).train()
+    root = tmp_path / "hf"
+    report = json.loads((root / "privacy.json").read_text())
+    [entry] = BudgetLedger().history(fingerprint)
+    assert [list(s) for s in entry.segments] == report["segments"] and report["steps"] == 4
+    assert entry.dp and entry.epsilon == pytest.approx(report["epsilon"]) and entry.output == str(root.resolve())
+    # First the planned spend, before any step was journaled (no data read); then the journal's.
+    assert recorded[0][1] is False and [list(s) for s in recorded[0][0]] == report["segments"]
+    assert [list(s) for s in recorded[-1][0]] == report["segments"]
+    state = json.loads((root / "private" / "state.json").read_text())
+    assert state["data"] == fingerprint and state["unsafe_seed"] == 48151623
+    settings = json.loads((root / "dpft-trainer.json").read_text())
+    assert "unsafe_seed" not in settings["privacy"] and settings["privacy"]["dataset_budget"] == 50.0
+    assert settings["training"]["learning_rate"] == 1e-2 and settings["training"]["max_steps"] == 4
+    assert settings["training"]["per_device_train_batch_size"] == 4
+    assert settings["training"]["lr_scheduler_type"] == "constant"
+    files = public_files(root)
+    assert root / "dpft-trainer.json" in files and root / "privacy.json" in files
+    for f in files:
+        assert b"48151623" not in f.read_bytes(), f
+
+
+def test_fingerprint_is_of_the_rows_not_the_object(tmp_path):
+    rows = [json.loads(line) for line in write_records(tmp_path / "d.jsonl").read_text().splitlines()]
+    reordered = [{k: r[k] for k in reversed(list(r))} for r in rows]
+    assert dataset_fingerprint(Dataset.from_list(rows)) == dataset_fingerprint(Dataset.from_list(reordered))
+    assert dataset_fingerprint(Dataset.from_list(rows)) == dataset_fingerprint(rows)
+    assert dataset_fingerprint(Dataset.from_list(rows).with_format("numpy")) == dataset_fingerprint(rows)
+    sparse = [{k: v for k, v in r.items() if k != "user_id" or i} for i, r in enumerate(rows)]
+    assert dataset_fingerprint(sparse) == dataset_fingerprint([dict(rows[0], user_id=None), *rows[1:]])
+    changed = [dict(rows[0], completion=" condition 6"), *rows[1:]]
+    assert dataset_fingerprint(changed) != dataset_fingerprint(rows)
+
+
+def test_a_run_over_the_dataset_budget_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    data = records(write_records(tmp_path / "d.jsonl"))
+    with pytest.raises(BudgetExceededError, match="dataset-budget"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, priv=privacy(dataset_budget=1.0))
+    assert not (tmp_path / "hf").exists()
+    assert BudgetLedger().history(dataset_fingerprint(data)) == []
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_budget_is_checked_again_when_training_starts(tmp_path, tiny_model_dir):
+    """Two trainers built on the same data: the second one is refused once the first has spent."""
+    data = records(write_records(tmp_path / "d.jsonl"))
+    priv = privacy(dataset_budget=9.0)
+    first = dp_trainer(tmp_path, tiny_model_dir, data=data, args=training_args(tmp_path / "a"), priv=priv)
+    second = dp_trainer(tmp_path, tiny_model_dir, data=data, args=training_args(tmp_path / "b"), priv=priv)
+    first.train()
+    with pytest.raises(BudgetExceededError, match="dataset-budget"):
+        second.train()
+    assert list((tmp_path / "b").iterdir()) == []
+    assert [e.output for e in BudgetLedger().history(dataset_fingerprint(data))] == [str((tmp_path / "a").resolve())]
+
+
+def test_resuming_is_refused_and_says_the_old_journal_still_counts(tmp_path, tiny_model_dir):
+    trainer = dp_trainer(tmp_path, tiny_model_dir)
+    with pytest.raises(ConfigError, match="start a new output_dir") as err:
+        trainer.train(resume_from_checkpoint=True)
+    assert "journal still counts" in str(err.value) and "ledger" in str(err.value)
+    assert not (tmp_path / "hf" / "private").exists()
+
+
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_gradient_checkpointing_is_refused(tmp_path, tiny_model_dir, name):
+    args = training_args(tmp_path / "hf", **{name: True})
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing=True \(activation_checkpointing\) is not yet"):
+        dp_trainer(tmp_path, tiny_model_dir, args=args)
+    assert not (tmp_path / "hf" / "private").exists()
+
+
+def test_trl_default_gradient_checkpointing_is_refused(tmp_path, tiny_model_dir):
+    trl = pytest.importorskip("trl")
+    from dpft.hf import DPSFTTrainer
+
+    model, tokenizer = lora_model(tiny_model_dir)
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True)
+    assert config.gradient_checkpointing  # TRL's default
+    with pytest.raises(ConfigError, match="SFTConfig defaults it to True"):
+        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
+                     processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
+
+
+def test_bf16_only_where_native_and_fp16_never(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": False)
+    with pytest.raises(ConfigError, match="bf16=True: cpu has no native bf16"):
+        dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", bf16=True))
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": True)
+    trainer = dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", bf16=True))
+    assert trainer.public_settings()["training"]["bf16"] is True
+    args = training_args(tmp_path / "hf2")
+    args.fp16 = True  # TrainingArguments may refuse fp16 on CPU itself; dpft must refuse it anywhere
+    with pytest.raises(ConfigError, match="fp16=True"):
+        dp_trainer(tmp_path, tiny_model_dir, args=args)

@@ -36,6 +36,13 @@ class PrivacyArguments:
     loss_on: str = field(
         default="completion", metadata={"help": "'completion' (answers, assistant turns) or 'all' tokens."}
     )
+    dataset_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest total ε on this train_dataset over every run in the budget ledger "
+            "($DPFT_LEDGER); a run that would pass it is refused before it starts."
+        },
+    )
     unsafe_seed: int | None = field(
         default=None, metadata={"help": "UNSAFE, tests only: derive sampling and noise from this seed."}
     )
@@ -69,6 +76,8 @@ class PrivacyArguments:
             out.append(f"PrivacyArguments.loss_on must be one of {', '.join(LOSS_ON)} (got {self.loss_on!r})")
         if self.max_records_per_user < 1:
             out.append(f"PrivacyArguments.max_records_per_user must be >= 1 (got {self.max_records_per_user})")
+        if self.dataset_budget is not None and not (0 < self.dataset_budget < math.inf):
+            out.append(f"PrivacyArguments.dataset_budget must be a finite number > 0 (got {self.dataset_budget})")
         if self.max_length is not None and self.max_length < 2:
             out.append(f"PrivacyArguments.max_length must be >= 2 (got {self.max_length})")
         return out

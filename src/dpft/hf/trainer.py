@@ -12,13 +12,20 @@ Each optimizer step of the Trainer is one logical DP-SGD step:
 The Trainer's own sampler, gradient accumulation, global clipping and batch-mean loss are never
 used; settings that would bring them back are refused (`refuse_unsafe`). Losses stay private:
 trackers see ε, the step and the learning rate, unless `log_private_diagnostics=True`.
-At the end the run directory layout of `dpft train` is written into `output_dir`: model/ (weights,
-tokenizer, model card), privacy.json, metrics.jsonl and private/ (journal, train log, data stats).
+When `train()` starts, before any data is read, the run is checked against
+`PrivacyArguments.dataset_budget` and recorded in the dataset budget ledger with its planned spend
+(as `dpft train` does; the fingerprint is `dpft.hf.budget.dataset_fingerprint`), and the public
+settings (`dpft-trainer.json`, never a seed of the DP randomness) and private/state.json are
+written; at the end the ledger entry is replaced by the privacy journal's steps, and the rest of
+the run directory layout of `dpft train` is written into `output_dir`: model/ (weights, tokenizer,
+model card), privacy.json, metrics.jsonl and private/ (journal, train log, data stats).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -35,8 +42,11 @@ from dpft.data import collate
 from dpft.data.encode import EncodedDataset
 from dpft.errors import ConfigError
 from dpft.hf.arguments import PrivacyArguments
+from dpft.hf.budget import TrainerBudget, dataset_fingerprint
 from dpft.hf.data import encode_dataset
-from dpft.privacy.accounting import calibrate_noise, check_delta, max_steps
+from dpft.ledger import BudgetLedger
+from dpft.models import precision
+from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, max_steps
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
 from dpft.privacy.step import Budget, Mechanism, PrivacyStep
@@ -51,6 +61,18 @@ PUBLIC_LOG_KEYS = frozenset(
     {"epsilon", "learning_rate", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 )
 DEFAULT_MAX_LENGTH = 128
+TRAINER_CONFIG = "dpft-trainer.json"  # PUBLIC: config.yaml's counterpart (settings, never the unsafe seed)
+# The TrainingArguments that shape the DP run (all set by the user, none computed from the data).
+PUBLIC_TRAINING_ARGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size", "max_steps",
+    "num_train_epochs", "bf16", "seed",
+)  # fmt: skip
+RESUME_REFUSED = (
+    "DPTrainer cannot resume from a Trainer checkpoint yet: start a new output_dir (a fresh run). "
+    "The old run's privacy journal still counts: its steps stay recorded in the dataset budget ledger "
+    "and are composed with the new run's against dataset_budget"
+)
 
 
 @dataclass
@@ -65,6 +87,9 @@ class _DPState:
     mechanism: Mechanism
     budget: Budget
     planned_steps: int
+    ledger: TrainerBudget
+    planned_segments: list[Segment]
+    started: bool = False  # the run directory exists and the ledger holds the planned spend
     step: PrivacyStep | None = None
     journal: PrivacyJournal | None = None
     steps_done: int = 0
@@ -80,9 +105,16 @@ class DPTrainerMixin:
         privacy = privacy_args or PrivacyArguments()
         bound = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
         refuse_unsafe(type(self), bound, privacy)  # before the parent tokenizes or loads anything
-        super().__init__(*args, **kwargs)
+        output = Path(bound["args"].output_dir)
+        existed = output.exists()
+        super().__init__(*args, **kwargs)  # creates output_dir
         self.privacy_args = privacy
-        self._dp = self._plan(bound.get("train_dataset"))
+        try:
+            self._dp = self._plan(bound.get("train_dataset"))
+        except BaseException:
+            if not existed and output.is_dir() and not any(output.iterdir()):
+                output.rmdir()  # a refused run leaves no run directory
+            raise
 
     # ---- setup ----
 
@@ -90,8 +122,7 @@ class DPTrainerMixin:
         """Encode the data, group it into units and plan the mechanism (σ, q, steps)."""
         p, args = self.privacy_args, self.args
         paths = RunPaths(Path(args.output_dir))
-        if paths.journal.exists() or paths.privacy.exists():
-            raise ConfigError([f"output_dir {paths.root} already holds a dpft run; give a new output_dir"])
+        _refuse_existing_run(paths)
         randomness = Randomness.secure() if p.unsafe_seed is None else Randomness.unsafe_seeded(p.unsafe_seed)
         length = p.max_length or getattr(args, "max_length", None) or DEFAULT_MAX_LENGTH
         data = encode_dataset(raw_train, self.processing_class, p, length)
@@ -107,22 +138,56 @@ class DPTrainerMixin:
         planned = max(1, planned)
         check_delta(p.delta, len(units))
         sigma = p.noise_multiplier or calibrate_noise(q, planned, p.delta, p.target_epsilon, p.accountant)
-        if max_steps(q, sigma, p.delta, p.target_epsilon, p.accountant, upper=planned) == 0:
+        allowed = max_steps(q, sigma, p.delta, p.target_epsilon, p.accountant, upper=planned)
+        if allowed == 0:
             raise ConfigError(
                 [f"target_epsilon {p.target_epsilon:g} is below the ε of a single step at noise_multiplier {sigma:g}"]
             )
         mechanism = Mechanism(q, p.expected_batch_size, sigma, p.max_grad_norm)
         budget = Budget(p.delta, p.accountant, p.target_epsilon)
         sampler = PoissonSampler(len(units), q, randomness)
-        return _DPState(paths, data, units, randomness, sampler, mechanism, budget, planned)
+        fingerprint = dataset_fingerprint(raw_train)  # once: the ledger key of this run's data
+        ledger = TrainerBudget(BudgetLedger(), fingerprint, p.delta, p.accountant)
+        planned_segments = [Segment(q, sigma, min(planned, allowed))]  # the hard stop caps the run there
+        ledger.check(planned_segments, p.dataset_budget)  # early; train() checks again before writing
+        return _DPState(paths, data, units, randomness, sampler, mechanism, budget, planned, ledger, planned_segments)
+
+    def _start_run(self) -> None:
+        """Before any data is read: check the budget, write the run's settings and record its planned spend.
+
+        Raises:
+            ConfigError: output_dir already holds a dpft run.
+            BudgetExceededError: the ledger (as it is now) plus this run would pass dataset_budget.
+        """
+        dp, p = self._dp, self.privacy_args
+        _refuse_existing_run(dp.paths)
+        dp.ledger.check(dp.planned_segments, p.dataset_budget)  # the ledger may have grown since __init__
+        settings = self.public_settings()
+        dp.paths.private.mkdir(parents=True, exist_ok=True)
+        (dp.paths.private / "README.txt").write_text(PRIVATE_README)
+        write_json(dp.paths.root / TRAINER_CONFIG, settings)
+        state = {"data": dp.ledger.fingerprint, "settings": _settings_hash(settings), "unsafe_seed": p.unsafe_seed}
+        write_json(dp.paths.state, state)
+        dp.ledger.record(dp.paths.root, dp.planned_segments)
+        dp.started = True
+
+    def public_settings(self) -> dict[str, Any]:
+        """dpft-trainer.json: the privacy arguments (never `unsafe_seed`) and the TrainingArguments that
+        shape the run; nothing computed from the data."""
+        privacy = {k: v for k, v in vars(self.privacy_args).items() if k != "unsafe_seed"}
+        training = {}
+        for name in PUBLIC_TRAINING_ARGS:
+            value = getattr(self.args, name, None)
+            value = getattr(value, "value", value)  # enums (lr_scheduler_type, optim) by their value
+            if value is None or isinstance(value, bool | int | float | str | dict | list):
+                training[name] = value
+        return {"trainer": type(self).__name__, "privacy": privacy, "training": training}
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, guarded: it steps only after a PrivacyStep.finish()."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         dp = self._dp
-        if dp.step is None:
-            dp.paths.private.mkdir(parents=True, exist_ok=True)
-            (dp.paths.private / "README.txt").write_text(PRIVATE_README)
+        if dp.step is None and dp.started:  # train() attaches the guard (an earlier call has no run yet)
             dp.journal = PrivacyJournal(dp.paths.journal, dp.mechanism.segment)
             dp.step = PrivacyStep(self.model, dp.mechanism, dp.budget, dp.randomness, dp.journal)
             dp.step.attach(self.optimizer)
@@ -208,15 +273,19 @@ class DPTrainerMixin:
 
     def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any) -> TrainOutput:
         """Train to the planned steps or the budget, whichever comes first; then write the run directory."""
+        dp = self._dp
         if resume_from_checkpoint:
-            raise ConfigError(["DPTrainer cannot resume from a Trainer checkpoint yet; start a new output_dir"])
-        if self._dp.finished or self._dp.step is not None:
+            raise ConfigError([RESUME_REFUSED])
+        if dp.finished or dp.started:
             raise ConfigError(["DPTrainer.train() runs once per trainer; build a new trainer (and output_dir)"])
+        self._start_run()
         try:
             output = super().train(trial=trial, **kwargs)
         finally:
-            if self._dp.step is not None:
-                self._dp.step.remove()
+            if dp.step is not None:
+                dp.step.remove()
+            if dp.journal is not None:  # the steps that touched the data (each journaled before it did)
+                dp.ledger.record(dp.paths.root, dp.journal.segments())
         self._write_run()
         loss = output.training_loss if self.privacy_args.log_private_diagnostics else math.nan
         metrics = {k: v for k, v in output.metrics.items() if k in PUBLIC_LOG_KEYS}
@@ -318,7 +387,20 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         if getattr(args, "padding_free", False):
             problems.append("padding_free=True: sequences concatenated in one row cannot be clipped per unit")
         if args.fp16:
-            problems.append("fp16: the loss scaler rescales gradients after the noise; use bf16 or fp32")
+            problems.append(
+                "fp16=True: the loss scaler rescales gradients after the noise; use fp32, or bf16 where it is native"
+            )
+        elif args.bf16 and not precision.native_bf16(args.device):
+            problems.append(
+                f"bf16=True: {args.device.type} has no native bf16 here (it would be emulated, slower than "
+                "fp32, with no tested gain); set bf16=False to train in fp32"
+            )
+        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+            problems.append(
+                "gradient_checkpointing=True (activation_checkpointing) is not yet validated with dpft's per-unit "
+                "clipping engine; set gradient_checkpointing=False (TRL's SFTConfig defaults it to True); "
+                "a smaller per_device_train_batch_size also saves memory"
+            )
         if args.include_num_input_tokens_seen not in ("no", False):
             problems.append("include_num_input_tokens_seen: the realised token count is private; set it to 'no'")
         if args.label_smoothing_factor > 0:
@@ -345,6 +427,16 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         problems.append("eval_dataset is the training set: its losses are not covered by DP; evaluate on held-out data")
     if problems:
         raise ConfigError(problems)
+
+
+def _refuse_existing_run(paths: RunPaths) -> None:
+    run_files = (paths.journal, paths.privacy, paths.state, paths.root / TRAINER_CONFIG, paths.root / "run-id")
+    if any(f.exists() for f in run_files):
+        raise ConfigError([f"output_dir {paths.root} already holds a dpft run; give a new output_dir"])
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _same_data(a: Any, b: Any) -> bool:
