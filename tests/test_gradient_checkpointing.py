@@ -17,8 +17,9 @@ Mutation check (done by hand when this file was written): make the engine count 
 e.g. `captures = list(self._captures); captures.append(captures[0])` in `PerUnitClipper.backward`:
 `test_checkpointed_engine_matches_loop` fails for every model and variant (the duplicated layer's
 squared norm is counted four times through the shared-parameter cross term, so the per-unit norms
-are off by far more than 1e-4), as do the `Shared`/`Norms` and position-lookup tests. Dropping a
-capture instead (`captures.pop()`) fails the same tests on the clipped sum. Reverting the engine's
+are off by far more than 1e-4), as do the `Shared`/`Norms` and position-lookup tests, and
+`test_train_step_with_gradient_checkpointing` (dpft's probe refuses the model). Dropping a capture
+instead (`captures.pop()`) fails the same engine tests on the clipped sum. Reverting the engine's
 batch size during the backward makes `test_shared_position_lookup_inside_a_checkpoint` fail
 (torch's CheckpointError for non-reentrant, dpft's ConfigError on the (1, T) rows for reentrant).
 """
