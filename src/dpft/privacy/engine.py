@@ -138,7 +138,13 @@ class PerUnitClipper:
         for p in self._params.values():
             p.grad = None  # any gradient found after the backward escaped the rules
         self._captures.clear()
-        example_losses.sum().backward()
+        # Gradient checkpointing re-runs blocks' forwards in this backward, without the model's
+        # hooks: they must see this batch's size too (a (1, T) position lookup inside a block).
+        self._batch_size = units.index.numel()
+        try:
+            example_losses.sum().backward()
+        finally:
+            self._batch_size = None
         captures = list(self._captures)
         self._captures.clear()
         self._check(captures, units)

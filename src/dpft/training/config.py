@@ -60,6 +60,11 @@ class TrainConfig:
         "fp32",
         "Storage dtype of the weights: fp32 or bf16 (halves memory of --full; the DP noise is still added in fp32).",
     )
+    gradient_checkpointing: bool = _opt(
+        False,
+        "Recompute each transformer block's activations in the backward instead of keeping them (less memory, "
+        "about one more forward of time); the clipped gradients and the privacy guarantee are unchanged.",
+    )
     # Data encoding.
     max_length: int = _opt(128, "Maximum tokens per example; longer examples are truncated and counted.")
     loss_on: str = _opt("completion", "For prompt/completion records: 'completion' (loss on the answer) or 'all'.")

@@ -174,6 +174,11 @@ def setup(config: TrainConfig) -> Run:
     budget = DatasetBudget.open(config)
     planned_segments = [Segment(q, mechanism.noise_multiplier, min(planned, allowed))] if mechanism.dp else []
     model = _adapted(loaded.model, config).to(par.device)  # LoRA target errors: before anything is written
+    if config.gradient_checkpointing:  # non-reentrant; the engine captures each call once (test_gradient_checkpointing)
+        if hasattr(model, "activation_checkpointing_enable"):  # its name in newer transformers (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not config.no_dp:  # a model the engine cannot clip is refused before anything is written
         check_trainable(model, len(loaded.tokenizer))
     if paths is None:
