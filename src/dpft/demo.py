@@ -26,10 +26,10 @@ from dpft.training.progress import format_duration
 
 MICRO_BATCH, MAX_LENGTH = 16, 96  # both runs; the time estimate measures one such micro-batch
 # The estimate's proxy is one forward and input backward through every block of the base model.
-# Per proxy, from the default demo measured on a quiet 2-core bf16 CPU (README: 9 min 36 s in all;
-# docs/performance.md: a LoRA micro-batch on the last 15 blocks 1.01 s, on all 30 blocks 1.40 s ≈ the
-# proxy): training costs ~0.75 proxy per micro-batch, the audits of both models ~0.9 per record audited.
-TRAIN_FACTOR, AUDIT_PROXIES = 0.75, 0.9
+# Per proxy: training ~0.75 proxy per 16-record micro-batch (from the bf16 demo on a quiet 2-core CPU,
+# README of the previous round); audits of both models ~0.6 proxy per record audited (the fp32 demo
+# on an AVX2-capped EPYC: audits 292 s over 200 records at a quiet proxy of 2.36 s).
+TRAIN_FACTOR, AUDIT_PROXIES = 0.75, 0.6
 PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
 
 
