@@ -79,7 +79,9 @@ class TrainConfig:
     delta: float = _opt(1e-5, "Target δ; must be well below 1/number of privacy units.")
     noise_multiplier: float | None = _opt(None, "Noise multiplier σ; without --epsilon, ε is reported but not capped.")
     max_grad_norm: float = _opt(1.0, "Clipping bound C on each privacy unit's gradient (L2).")
-    accountant: str = _opt("pld", "Privacy accountant: pld (tight, default) or rdp.")
+    accountant: str = _opt(
+        "pld", "Privacy accountant: pld (default: the smaller of the PLD and RDP upper bounds) or rdp (RDP alone)."
+    )
     privacy_unit: str = _opt(
         "record", "Privacy unit: 'record', or 'user' (groups records by user_id: protects whole people)."
     )
