@@ -46,10 +46,10 @@ from dpft.hf.budget import TrainerBudget, dataset_fingerprint
 from dpft.hf.data import encode_dataset
 from dpft.ledger import BudgetLedger
 from dpft.models import precision
-from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, max_steps
+from dpft.privacy.accounting import Segment
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
-from dpft.privacy.step import Budget, Mechanism, PrivacyStep
+from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
 from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
@@ -136,19 +136,16 @@ class DPTrainerMixin:
             else math.ceil(args.num_train_epochs * len(units) / p.expected_batch_size)
         )
         planned = max(1, planned)
-        check_delta(p.delta, len(units))
-        sigma = p.noise_multiplier or calibrate_noise(q, planned, p.delta, p.target_epsilon, p.accountant)
-        allowed = max_steps(q, sigma, p.delta, p.target_epsilon, p.accountant, upper=planned)
-        if allowed == 0:
-            raise ConfigError(
-                [f"target_epsilon {p.target_epsilon:g} is below the ε of a single step at noise_multiplier {sigma:g}"]
-            )
-        mechanism = Mechanism(q, p.expected_batch_size, sigma, p.max_grad_norm)
         budget = Budget(p.delta, p.accountant, p.target_epsilon)
+        mechanism, allowed = plan_mechanism(
+            q, p.expected_batch_size, planned, len(units), budget, p.noise_multiplier, p.max_grad_norm
+        )
         sampler = PoissonSampler(len(units), q, randomness)
         fingerprint = dataset_fingerprint(raw_train)  # once: the ledger key of this run's data
         ledger = TrainerBudget(BudgetLedger(), fingerprint, p.delta, p.accountant)
-        planned_segments = [Segment(q, sigma, min(planned, allowed))]  # the hard stop caps the run there
+        planned_segments = [
+            Segment(q, mechanism.noise_multiplier, min(planned, allowed))
+        ]  # the hard stop caps the run there
         ledger.check(planned_segments, p.dataset_budget)  # early; train() checks again before writing
         return _DPState(paths, data, units, randomness, sampler, mechanism, budget, planned, ledger, planned_segments)
 

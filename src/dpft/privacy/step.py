@@ -24,8 +24,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from dpft.errors import BudgetExceededError
-from dpft.privacy.accounting import Segment, epsilon_of
+from dpft.errors import BudgetExceededError, ConfigError
+from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, epsilon_of, max_steps
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
 from dpft.privacy.noise import add_gaussian_noise
 from dpft.privacy.randomness import Randomness
@@ -67,6 +67,37 @@ class Budget:
     delta: float
     accountant: str = "pld"
     target_epsilon: float | None = None
+
+
+def plan_mechanism(
+    sample_rate: float,
+    expected_batch_size: float,
+    steps: int,
+    num_units: int,
+    budget: Budget,
+    noise_multiplier: float | None,
+    max_grad_norm: float,
+) -> tuple[Mechanism, int]:
+    """The mechanism for a run of `steps` steps, and how many of them the target ε allows.
+
+    σ is `noise_multiplier` when given, else calibrated so the planned steps spend at most the
+    target. Without a target ε the run is not capped (ε is reported).
+
+    Raises:
+        ConfigError: δ is not well below 1/N, or the target ε is below one step's ε.
+    """
+    check_delta(budget.delta, num_units)
+    target = budget.target_epsilon
+    sigma = noise_multiplier or calibrate_noise(sample_rate, steps, budget.delta, target, budget.accountant)
+    mechanism = Mechanism(sample_rate, expected_batch_size, sigma, max_grad_norm)
+    if target is None:
+        return mechanism, steps
+    allowed = max_steps(sample_rate, sigma, budget.delta, target, budget.accountant, upper=max(steps, 1))
+    if allowed == 0:
+        raise ConfigError(
+            [f"the target ε {target:g} is below the ε of a single step at noise multiplier {sigma:g}: no step fits"]
+        )
+    return mechanism, allowed
 
 
 class Journal(Protocol):

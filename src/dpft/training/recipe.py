@@ -33,10 +33,10 @@ from dpft.models import load_base_model, with_lora
 from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
 from dpft.models.prefix_cache import PrefixCache
 from dpft.models.probe import check_trainable
-from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, max_steps
+from dpft.privacy.accounting import Segment
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
-from dpft.privacy.step import Budget, Mechanism, PrivacyStep
+from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
 from dpft.training.budget import DatasetBudget
@@ -257,17 +257,8 @@ def _plan_mechanism(c: TrainConfig, q: float, steps: int, n_units: int) -> tuple
     """The mechanism (σ calibrated to the target ε, or given) and the steps the target allows."""
     if c.no_dp:
         return Mechanism.non_private(q, c.batch_size), steps
-    check_delta(c.delta, n_units)
-    sigma = c.noise_multiplier or calibrate_noise(q, steps, c.delta, c.epsilon, c.accountant)
-    mechanism = Mechanism(q, c.batch_size, sigma, c.max_grad_norm)
-    if c.epsilon is None:  # σ given, no target: ε is reported, not capped
-        return mechanism, steps
-    allowed = max_steps(q, sigma, c.delta, c.epsilon, c.accountant, upper=max(steps, 1))
-    if allowed == 0:
-        raise ConfigError(
-            [f"--epsilon {c.epsilon:g} is below the ε of a single step at --noise-multiplier {sigma:g}: no step fits"]
-        )
-    return mechanism, allowed
+    budget = Budget(c.delta, c.accountant, c.epsilon)
+    return plan_mechanism(q, c.batch_size, steps, n_units, budget, c.noise_multiplier, c.max_grad_norm)
 
 
 def _open_run(config: TrainConfig) -> tuple[RunPaths, TrainConfig, int | None]:
