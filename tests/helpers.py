@@ -3,7 +3,9 @@ tokenizer, and small utilities shared by several test modules."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -115,3 +117,17 @@ def unit_contributions(
         without = sums(everyone[unit_index != u])
         moved[u] = float(torch.sqrt(sum((full[n].double() - without[n].double()).square().sum() for n in full)))
     return moved
+
+
+def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
+    """n prompt/completion records of `users` users (user_id u0, u1, …) as JSONL."""
+    rows = [
+        {
+            "prompt": f"record {i}: patient {i % users} has",
+            "completion": f" condition {i % 7}",
+            "user_id": f"u{i % users}",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

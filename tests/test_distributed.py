@@ -32,6 +32,7 @@ from dpft.privacy.sampling import PoissonSampler
 from dpft.run_layout import RunPaths
 from dpft.training.config import TrainConfig
 from dpft.training.distributed import Parallel
+from helpers import write_records
 
 WORLD = 2
 SEED = 7
@@ -154,21 +155,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_records(path: Path, n: int = 40, users: int = 10) -> Path:
-    rows = [
-        {
-            "prompt": f"record {i}: patient {i % users} has",
-            "completion": f" condition {i % 7}",
-            "user_id": f"u{i % users}",
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _scenarios(tmp: Path, model_dir: str) -> dict[str, TrainConfig]:
-    data = str(_write_records(tmp / "d.jsonl"))
+    data = str(write_records(tmp / "d.jsonl"))
     base = TrainConfig(
         data=data, output="", model=model_dir, batch_size=8, micro_batch_size=4, max_steps=5, lr=1e-2,
         max_length=64, quiet=True, epsilon=8.0, delta=1e-3, checkpoint_every=0, unsafe_seed=SEED,
@@ -323,7 +311,7 @@ def test_noise_is_added_once_not_on_every_rank(two_process_runs):
 
 @pytest.mark.slow
 def test_cli_nproc_per_node_runs_two_processes(tmp_path, tiny_model_dir):
-    data = _write_records(tmp_path / "d.jsonl")
+    data = write_records(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     args = [
         "train", "--data", str(data), "--output", str(out), "--model", tiny_model_dir, "--batch-size", "8",

@@ -18,25 +18,13 @@ from dpft.hf.budget import dataset_fingerprint
 from dpft.ledger import BudgetLedger
 from dpft.models import load_base_model, precision, with_lora
 from dpft.privacy.sampling import PoissonSampler
+from helpers import write_records
 
 CORE_KEYS = (
     "dp", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size",
     "steps", "planned_steps", "target_epsilon", "accountant", "segments", "sampling", "privacy_unit",
     "max_records_per_user", "num_units", "randomness", "stop_reason",
 )  # fmt: skip
-
-
-def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
-    rows = [
-        {
-            "prompt": f"record {i}: patient {i % users} has",
-            "completion": f" condition {i % 7}",
-            "user_id": f"u{i % users}",
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def records(path: Path) -> Dataset:

@@ -17,7 +17,8 @@ import dpft
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits
 from dpft.run_layout import RunPaths
-from test_train_e2e import base_options, write_records
+from helpers import write_records
+from test_train_e2e import base_options
 
 SEED = 48_151_623  # a value that cannot appear in a run's files by chance
 

@@ -12,7 +12,8 @@ import dpft
 from dpft.errors import ConfigError, DpftError
 from dpft.ledger import BudgetLedger
 from dpft.training import recipe
-from test_train_e2e import Crash, base_options, write_records
+from helpers import write_records
+from test_train_e2e import Crash, base_options
 
 
 def crashed_run(tmp_path: Path, tiny_model_dir: str, monkeypatch, **extra) -> tuple[Path, Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from dpft.errors import CheckpointError, DpftError
 from dpft.models import load_run_model
 from dpft.privacy.accounting import compute_epsilon
 from dpft.training import recipe
+from helpers import write_records
 
 PRIVACY_KEYS = {
     "epsilon",
@@ -28,19 +28,6 @@ PRIVACY_KEYS = {
     "num_units",
     "dp",
 }
-
-
-def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
-    rows = [
-        {
-            "prompt": f"record {i}: patient {i % users} has",
-            "completion": f" condition {i % 7}",
-            "user_id": f"u{i % users}",
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def base_options(tiny_model_dir: str, **extra):
