@@ -12,7 +12,7 @@ The first token is never a target: nothing before it predicts it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,16 @@ class EncodedDataset:
     num_truncated: int
     num_dropped: int
     num_duplicates: int
+    _unit_index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def add(self, unit: str, example: Example) -> None:
+        """Append an example to its privacy unit (a new unit gets the next index)."""
+        if unit not in self._unit_index:
+            self._unit_index[unit] = len(self.unit_ids)
+            self.unit_ids.append(unit)
+            self.unit_examples.append([])
+        self.unit_examples[self._unit_index[unit]].append(len(self.examples))
+        self.examples.append(example)
 
 
 def encode_records(
@@ -85,7 +95,6 @@ def encode_records(
     """
     _check_options(records, tokenizer, max_length, privacy_unit, loss_on)
     dataset = EncodedDataset([], [], [], 0, 0, count_duplicates(list(records)))
-    unit_index: dict[str, int] = {}
     for record in records:
         ids, labels = ENCODERS[record.kind](record, tokenizer, loss_on)
         truncated = len(ids) > max_length
@@ -95,12 +104,7 @@ def encode_records(
             continue
         dataset.num_truncated += truncated
         unit = str(record.fields["user_id"]) if privacy_unit == "user" else record.record_id
-        if unit not in unit_index:
-            unit_index[unit] = len(dataset.unit_ids)
-            dataset.unit_ids.append(unit)
-            dataset.unit_examples.append([])
-        dataset.unit_examples[unit_index[unit]].append(len(dataset.examples))
-        dataset.examples.append(Example(ids, labels))
+        dataset.add(unit, Example(ids, labels))
     if not dataset.examples:
         left = f"{dataset.num_dropped} had no target token left within --max-length {max_length}"
         raise DataError(records[0].path, None, None, f"no usable examples ({left})")

@@ -50,7 +50,6 @@ def _as_dataset(rows: Any) -> Any:
 
 def _pretokenized(rows: Any, privacy: PrivacyArguments, max_length: int) -> EncodedDataset:
     out = EncodedDataset([], [], [], 0, 0, 0)
-    index: dict[str, int] = {}
     for i, row in enumerate(rows):
         ids = [int(t) for t in row["input_ids"]]
         labels = [int(t) for t in (row["labels"] if row.get("labels") is not None else ids)]
@@ -60,12 +59,7 @@ def _pretokenized(rows: Any, privacy: PrivacyArguments, max_length: int) -> Enco
             out.num_dropped += 1
             continue
         unit = str(row[privacy.user_column]) if privacy.privacy_unit == "user" else f"row:{i}"
-        if unit not in index:
-            index[unit] = len(out.unit_ids)
-            out.unit_ids.append(unit)
-            out.unit_examples.append([])
-        out.unit_examples[index[unit]].append(len(out.examples))
-        out.examples.append(Example(ids, labels))
+        out.add(unit, Example(ids, labels))
     if not out.examples:
         raise ConfigError([f"train_dataset: no usable example ({out.num_dropped} rows have no target token)"])
     return out
