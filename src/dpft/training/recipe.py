@@ -237,10 +237,9 @@ def _prefix_cache(run: Run) -> PrefixCache | None:
         return None
     try:
         hidden = run.model.get_input_embeddings().embedding_dim
-        tokens = sum(len(run.examples[i].input_ids) for unit in run.units.unit_examples for i in unit)
-        if tokens * hidden * 4 > PREFIX_CACHE_BYTES:
+        kept = [i for unit in run.units.unit_examples for i in unit]  # the examples the run can draw
+        if sum(len(run.examples[i].input_ids) for i in kept) * hidden * 4 > PREFIX_CACHE_BYTES:
             return None
-        kept = [i for unit in run.units.unit_examples for i in unit]
         with autocast(run.dtype, run.par.device):
             return PrefixCache.build(run.model, run.examples, only=kept)
     except ConfigError:
