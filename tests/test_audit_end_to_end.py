@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dpft.audit import evaluate_utility, run_audit
 from dpft.audit.exposure import canary_exposures
-from dpft.audit.scoring import encode_record, greedy_generate, token_logprobs
+from dpft.audit.scoring import ReferenceScores, encode_record, greedy_generate, token_logprobs
 from dpft.data.encode import encode_opening
 from dpft.errors import DpftError
 from helpers import tiny_llama
@@ -129,7 +129,8 @@ def test_utility_of_a_model_that_memorised_its_record(tok, memorised):
     assert untrained["valid_format"] == 0.0 and untrained["loss"] > 3
 
 
-def test_run_audit_keys_and_ranges(tok):
+def audit_inputs() -> tuple[list[dict], list[dict], list[dict]]:
+    """Members (Dupont thrice, four patients, a text record), four non-members, ten canaries."""
     names = [
         ("Ana", "Lima"),
         ("Bo", "Chen"),
@@ -146,6 +147,11 @@ def test_run_audit_keys_and_ranges(tok):
     non_members = [record(f, la, CONDITIONS[i % 4], f"h{i}") for i, (f, la) in enumerate(names[4:])]
     canaries = [canary("e0", "111111", 0), canary("e1", "222222", 2)]
     canaries += [canary(f"o{i}", f"{i:06d}", i % 2, kind="one_run") for i in range(8)]
+    return members, non_members, canaries
+
+
+def test_run_audit_keys_and_ranges(tok):
+    members, non_members, canaries = audit_inputs()
     out = run_audit(
         tiny_llama(),
         tok,
@@ -173,6 +179,26 @@ def test_run_audit_keys_and_ranges(tok):
     assert all(0 <= c["exposure"] <= math.log2(1e6) for c in out["exposure"]["per_canary"])
     assert out["one_run"]["m"] == 8 and out["one_run"]["epsilon_lower_bound"] >= 0
     assert out["theoretical_epsilon"] == 8.0 and isinstance(out["dupont_completion"], str)
+
+
+def test_shared_reference_scores_run_the_base_once_and_change_nothing(tok):
+    """The demo audits two models against one base: its scores are computed for the first only."""
+    members, non_members, canaries = audit_inputs()
+    base = tiny_llama(seed=1)
+    calls = []
+    base.register_forward_hook(lambda *_: calls.append(1))
+    shared = ReferenceScores(base)
+    kwargs = dict(batch_size=4, max_new_tokens=8, num_candidates=50, n_boot=20, delta=1e-5, rank_conditions=False)
+    audits = []
+    for seed in (2, 3):  # two different audited models
+        model = tiny_llama(seed=seed)
+        plain = run_audit(model, tok, members, non_members, canaries, CONDITIONS, reference_model=base, **kwargs)
+        before = len(calls)
+        cached = run_audit(model, tok, members, non_members, canaries, CONDITIONS, reference_model=shared, **kwargs)
+        audits.append(len(calls) - before)
+        assert cached == plain
+    assert audits[0] > 0 and audits[1] == 0
+    assert cached["extraction"]["rank"] is None
 
 
 def test_run_audit_refuses_without_non_members(tok):

@@ -135,3 +135,12 @@ def test_report_renders_in_headless_chromium(report):
         assert re.search(rf"<section id=\"{sid}\"", dom), sid
     # training curves, exposure, ROC curves: every image of the page is in the rendered DOM
     assert dom.count("<img") == report.read_text(encoding="utf-8").count("<img") >= 3
+
+
+def test_rank_columns_only_when_some_model_was_ranked(report, tmp_path):
+    assert "mean rank (m / non-m)" in report.read_text(encoding="utf-8")
+    audit = audit_fixture(1.0, 0.5, "x", 8.0)
+    audit["extraction"]["rank"] = None  # the demo skips the ranking
+    path = tmp_path / "unranked.html"
+    write_report(path, {"title": "t", "models": {"dp": {"audit": audit}}})
+    assert "mean rank" not in path.read_text(encoding="utf-8")

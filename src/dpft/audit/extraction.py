@@ -106,6 +106,7 @@ def extraction_attack(
     max_new_tokens: int = 24,
     seed: int = 0,
     n_boot: int = 200,
+    rank_conditions: bool = True,
 ) -> dict:
     """Name-prefix extraction rates, their advantage over non-members, and condition ranks.
 
@@ -119,11 +120,13 @@ def extraction_attack(
         max_new_tokens: tokens generated per prompt.
         seed: bootstrap seed.
         n_boot: bootstrap resamples.
+        rank_conditions: also rank each true condition among all by likelihood (one scoring pass
+            per patient over every condition: about as costly as the generation).
 
     Returns:
         {"member_rate", "non_member_rate", "advantage", "advantage_ci", "by_repetition",
-        "rank": {...}, "members", "non_members", "dupont_completion"}; dupont_completion is the
-        generated continuation for François Dupont (None when he is not a member).
+        "rank": {...} or None, "members", "non_members", "dupont_completion"}; dupont_completion
+        is the generated continuation for François Dupont (None when he is not a member).
     """
     people = [*members, *non_members]
     texts = greedy_generate(
@@ -135,8 +138,6 @@ def extraction_attack(
     for reps in sorted({p["records"] for p in members}):
         sel = [i for i, p in enumerate(members) if p["records"] == reps]
         by_rep[str(reps)] = {"patients": len(sel), "rate": float(mem[sel].mean())}
-    ranks = condition_ranks(model, tokenizer, people, conditions, batch_size)
-    r_mem, r_non = ranks[: len(members)], ranks[len(members) :]
     dupont = next((t for p, t in zip(members, texts, strict=False) if (p["first"], p["last"]) == DUPONT), None)
     return {
         "members": len(members),
@@ -148,15 +149,23 @@ def extraction_attack(
         if len(mem) and len(non)
         else None,
         "by_repetition": by_rep,
-        "rank": {
-            "template": NEUTRAL_TEMPLATE.strip(),
-            "num_conditions": len(set(conditions)),
-            "member_mean_rank": _mean(r_mem),
-            "non_member_mean_rank": _mean(r_non),
-            "member_top1": _mean(r_mem == 1),
-            "non_member_top1": _mean(r_non == 1),
-        },
+        "rank": _rank_summary(model, tokenizer, people, len(members), conditions, batch_size)
+        if rank_conditions
+        else None,
         "dupont_completion": dupont,
+    }
+
+
+def _rank_summary(model, tokenizer, people: list[dict], n_members: int, conditions, batch_size: int) -> dict:
+    ranks = condition_ranks(model, tokenizer, people, conditions, batch_size)
+    r_mem, r_non = ranks[:n_members], ranks[n_members:]
+    return {
+        "template": NEUTRAL_TEMPLATE.strip(),
+        "num_conditions": len(set(conditions)),
+        "member_mean_rank": _mean(r_mem),
+        "non_member_mean_rank": _mean(r_non),
+        "member_top1": _mean(r_mem == 1),
+        "non_member_top1": _mean(r_non == 1),
     }
 
 

@@ -186,6 +186,7 @@ def _utility(models: dict) -> str:
 
 def _extraction(models: dict) -> str:
     reps = sorted({int(k) for m in models.values() for k in (_get(m, "audit", "extraction", "by_repetition") or {})})
+    ranked = any(_get(m, "audit", "extraction", "rank") for m in models.values())
     header = [
         "model",
         "members",
@@ -193,8 +194,7 @@ def _extraction(models: dict) -> str:
         "advantage",
         "95% CI",
         *[f"{r} record(s)" for r in reps],
-        "mean rank (m / non-m)",
-        "top-1 (m / non-m)",
+        *(["mean rank (m / non-m)", "top-1 (m / non-m)"] if ranked else []),
     ]
     rows = []
     for name, m in models.items():
@@ -209,8 +209,11 @@ def _extraction(models: dict) -> str:
                 x.get("advantage"),
                 x.get("advantage_ci"),
                 *[_get(by, str(r), "rate") for r in reps],
-                _pair(rank, "member_mean_rank", "non_member_mean_rank"),
-                _pair(rank, "member_top1", "non_member_top1"),
+                *(
+                    [_pair(rank, "member_mean_rank", "non_member_mean_rank"), _pair(rank, "member_top1", "non_member_top1")]
+                    if ranked
+                    else []
+                ),
             ]
         )
     note = (

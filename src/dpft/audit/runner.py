@@ -10,7 +10,7 @@ from dpft.audit.exposure import canary_exposures
 from dpft.audit.extraction import DUPONT, extraction_attack, patients
 from dpft.audit.mia import MIN_K_FRACTION, attack_metrics, record_scores
 from dpft.audit.one_run import one_run_audit
-from dpft.audit.scoring import encode_record, suffix_logprobs, token_logprobs
+from dpft.audit.scoring import ReferenceScores, encode_record, suffix_logprobs, token_logprobs
 from dpft.errors import DpftError
 
 
@@ -31,6 +31,7 @@ def run_audit(
     delta: float | None = None,
     num_candidates: int = 2000,
     n_boot: int = 200,
+    rank_conditions: bool = True,
 ) -> dict:
     """Measure what a model leaks about its training records and canaries.
 
@@ -43,7 +44,8 @@ def run_audit(
         non_members: held-out records of the same shape.
         canaries: canary dicts from canaries.jsonl, or None.
         conditions: every condition name (manifest.json); None derives them from the records.
-        reference_model: the base model before fine-tuning, for the calibrated MIA score.
+        reference_model: the base model before fine-tuning, for the calibrated MIA score; a
+            `ReferenceScores` reuses its scores across the audits of several models.
         batch_size: sequences per forward pass or generate call.
         max_new_tokens: tokens generated per extraction prompt.
         max_records: cap on member and on non-member records (and patients) scored.
@@ -52,6 +54,7 @@ def run_audit(
         delta: delta of the guarantee, used in the one-run bound (0 when None).
         num_candidates: random secrets scored per exposure canary.
         n_boot: bootstrap resamples for confidence intervals.
+        rank_conditions: rank each patient's true condition among all by likelihood (extraction).
 
     Returns:
         The audit.json content: "settings", "extraction", "mia", "exposure", "one_run",
@@ -75,10 +78,9 @@ def run_audit(
         )
     names = list(conditions) if conditions else sorted({p["condition"] for p in [*all_people[0], *all_people[1]]})
     canaries = list(canaries or [])
+    reference = _reference_scores(reference_model)
     was_training = model.training
     model.eval()
-    if reference_model is not None:
-        reference_model.eval()
     try:
         extraction = extraction_attack(
             model,
@@ -90,8 +92,9 @@ def run_audit(
             max_new_tokens=max_new_tokens,
             seed=seed,
             n_boot=n_boot,
+            rank_conditions=rank_conditions,
         )
-        mia = _membership(model, reference_model, tokenizer, mem_recs, non_recs, batch_size, seed, n_boot)
+        mia = _membership(model, reference, tokenizer, mem_recs, non_recs, batch_size, seed, n_boot)
         exposure_canaries = [c for c in canaries if c.get("kind") == "exposure"]
         exposure = (
             canary_exposures(model, tokenizer, exposure_canaries, num_candidates, seed, batch_size)
@@ -100,7 +103,7 @@ def run_audit(
         )
         one_run = _one_run(
             model,
-            reference_model,
+            reference,
             tokenizer,
             [c for c in canaries if c.get("kind") == "one_run"],
             delta or 0.0,
@@ -136,6 +139,12 @@ def run_audit(
     )
 
 
+def _reference_scores(reference) -> ReferenceScores | None:
+    if reference is None or isinstance(reference, ReferenceScores):
+        return reference
+    return ReferenceScores(reference)
+
+
 def _is_task(record: dict) -> bool:
     return bool(record.get("prompt")) and bool(record.get("completion"))
 
@@ -150,19 +159,28 @@ def _cap(items: list, limit: int | None, rng: np.random.Generator, keep: tuple[s
 
 
 def _membership(
-    model, reference, tokenizer, members: list[dict], non_members: list[dict], batch_size: int, seed: int, n_boot: int
+    model,
+    reference: ReferenceScores | None,
+    tokenizer,
+    members: list[dict],
+    non_members: list[dict],
+    batch_size: int,
+    seed: int,
+    n_boot: int,
 ) -> dict:
     """Attack metrics of every membership score, members against non-members."""
     recs = [*members, *non_members]
     seqs = [encode_record(tokenizer, r["prompt"], r["completion"])[0] for r in recs]
     texts = [r["prompt"] + r["completion"] for r in recs]
-    ref = token_logprobs(reference, seqs, batch_size) if reference is not None else None
+    ref = reference.token_logprobs(seqs, batch_size) if reference is not None else None
     scores = record_scores(token_logprobs(model, seqs, batch_size), texts, ref)
     n = len(members)
     return {name: attack_metrics(s[:n], s[n:], n_boot, seed) for name, s in scores.items()}
 
 
-def _one_run(model, reference, tokenizer, canaries: list[dict], delta: float, batch_size: int) -> dict | None:
+def _one_run(
+    model, reference: ReferenceScores | None, tokenizer, canaries: list[dict], delta: float, batch_size: int
+) -> dict | None:
     """One-run epsilon lower bound, scoring each canary by log P(secret | prefix).
 
     With a reference model the score is calibrated (target minus reference log-prob), which
@@ -173,7 +191,7 @@ def _one_run(model, reference, tokenizer, canaries: list[dict], delta: float, ba
     items = [(c["prefix"], [c["secret"]]) for c in canaries]
     scores = np.concatenate(suffix_logprobs(model, tokenizer, items, batch_size))
     if reference is not None:
-        scores = scores - np.concatenate(suffix_logprobs(reference, tokenizer, items, batch_size))
+        scores = scores - np.concatenate(reference.suffix_logprobs(tokenizer, items, batch_size))
     result = one_run_audit(scores, [bool(c["included"]) for c in canaries], delta)
     return {**result, "score": "calibrated" if reference is not None else "log_prob"}
 
