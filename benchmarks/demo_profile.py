@@ -43,7 +43,8 @@ from dpft.demo import DemoOptions
 from dpft.models.prefix_cache import PrefixCache, frozen_boundary
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
 from dpft.privacy.noise import add_gaussian_noise
-from dpft.privacy.sampling import PoissonSampler, cap_unit_examples, micro_batches, sample_rate_for
+from dpft.privacy.randomness import Randomness
+from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, micro_batches, sample_rate_for
 from dpft.training.loss import example_losses
 
 VARIANTS = ["full-legacy", "full", "cached", "cached-packed"]
@@ -107,7 +108,8 @@ def demo_data(args: argparse.Namespace, tokenizer, root: Path) -> dict:
     records = read_records(str(root / "train.jsonl"))
     plain = encode_records(records, tokenizer, args.max_length, "record", o.loss_on)
     user = encode_records(records, tokenizer, args.max_length, "user", o.loss_on)
-    dp_units = cap_unit_examples(user.unit_examples, o.dp_records_per_patient, o.seed)
+    seeded = Randomness.unsafe_seeded(o.seed)  # a benchmark's public, fixed draw
+    dp_units = PrivacyUnits(user.unit_examples, user.unit_ids, o.dp_records_per_patient, seeded).unit_examples
     assert [e.input_ids for e in plain.examples] == [e.input_ids for e in user.examples]
     return {"examples": plain.examples, "plain_units": plain.unit_examples, "dp_units": dp_units, "options": o}
 
@@ -147,7 +149,7 @@ class Step:
         self.model, self.examples, self.pad_id, self.cache = model, examples, pad_id, cache
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
-        self.noise = torch.Generator().manual_seed(0)
+        self.noise = Randomness.unsafe_seeded(0)
 
     def losses(self, variant: str, mb: list[int], batch: dict) -> Tensor:
         if variant.startswith("full"):
@@ -164,7 +166,7 @@ class Step:
             accumulator.backward(per_example, torch.arange(len(mb)))
         sums = list(accumulator.take_sums().values())
         if dp:
-            add_gaussian_noise(sums, 1.0, self.noise, secure=False)
+            add_gaussian_noise(sums, 1.0, self.noise, 0)
         for p, total in zip(self.params, sums, strict=True):
             p.grad = total.div_(16).to(p.dtype)
         self.optimizer.step()
@@ -250,7 +252,7 @@ def breakdown(args, step: Step, batches: list[list[int]], boundary: int) -> dict
                 del logits, per_example
                 sums = list(acc.take_sums().values())
                 if dp:
-                    add_gaussian_noise(sums, 1.0, step.noise, secure=False)
+                    add_gaussian_noise(sums, 1.0, step.noise, 0)
                 for p, total in zip(step.params, sums, strict=True):
                     p.grad = total.div_(16)
                 step.optimizer.step()
@@ -327,11 +329,11 @@ def schedule(units: list[list[int]], batch_size: int, epochs: float, seed: int, 
     """All micro-batches of a run (the recipe's sampler and packing), optionally units sorted by length first."""
     batch_size = min(batch_size, len(units) // 2)  # --quick has few units
     q = sample_rate_for(batch_size, len(units))
-    sampler = PoissonSampler(len(units), q, seed=seed)
+    sampler = PoissonSampler(len(units), q, Randomness.unsafe_seeded(seed))
     steps = max(1, math.ceil(epochs * len(units) / batch_size))
     out = []
-    for _ in range(steps):
-        sampled = list(sampler.sample())
+    for t in range(steps):
+        sampled = list(sampler.sample(t))
         if bucket:  # depends only on the lengths of the sampled units; units are never split
             sampled.sort(key=lambda u: max(lengths[i] for i in units[u]))
         out.append(micro_batches(sampled, units, micro_batch))
@@ -363,7 +365,7 @@ def bucketing(args, data: dict, step: Step) -> dict:
     # measured: one DP step (several micro-batches) in both orders, cached-packed
     units = data["dp_units"]
     q = sample_rate_for(min(o.dp_batch_size, len(units) // 2), len(units))
-    sampled = list(PoissonSampler(len(units), q, seed=1).sample())
+    sampled = list(PoissonSampler(len(units), q, Randomness.unsafe_seeded(1)).sample(0))
     orders = {
         "as_sampled": micro_batches(sampled, units, args.micro_batch),
         "bucketed": micro_batches(

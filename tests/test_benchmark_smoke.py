@@ -27,3 +27,20 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert "Parameter tying" in result["variants"]["opacus_ghost"]["error"]  # the tiny Llama ties its head
     assert result["ratios"]["time_dpft_over_plain"] > 0
     assert result["ratios"]["peak_rss_dpft_over_plain"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["demo_step.py", "demo_profile.py"])
+def test_demo_benchmarks_run_on_a_tiny_model(script: str, tmp_path: Path) -> None:
+    """The demo's benchmarks import the recipe and the sampler: a refactor must not leave them broken."""
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(SCRIPT.parent / script), "--quick", "--repeats", "1", "--json-out", str(out)]
+    if script == "demo_step.py":
+        cmd += ["--variants", "plain,dp"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    if script == "demo_step.py":
+        assert result["dtype"] in ("fp32", "bf16") and result["hardware"]["capability"]
+        assert all(v["wall_s"] > 0 for v in result["variants"].values()) and result["ratios"]["dp/plain"] > 0
+    else:
+        assert result["step_per_micro_batch"] and result["data"]["examples"] > 0
