@@ -65,7 +65,7 @@ def test_bootstrap_ci_covers_true_auc_in_most_replications():
 
 def test_attack_metrics_shape():
     rng = np.random.default_rng(3)
-    out = attack_metrics(rng.normal(1, 1, 200), rng.normal(0, 1, 200), n_boot=50)
+    out = attack_metrics(rng.normal(1, 1, 200), rng.normal(0, 1, 1000), n_boot=50)
     assert out["auc_ci"][0] <= out["auc"] <= out["auc_ci"][1]
     assert set(out["tpr_at_fpr"]) == {"0.01", "0.001"}
     assert len(out["roc"]["fpr"]) == len(out["roc"]["tpr"]) <= 101
@@ -144,3 +144,12 @@ def test_parsers():
     assert [(p["user_id"], p["records"]) for p in people] == [("p1", 2), ("p2", 1)]
     assert parse_answer(' {last_name: "Dupont", condition: "gout"}\n') == ("Dupont", "gout")
     assert parse_answer('{last_name: "Dupont", condition: "gout"} and more') is None
+
+
+def test_tpr_is_given_only_at_fpr_levels_the_non_members_resolve():
+    rng = np.random.default_rng(4)
+    few = attack_metrics(rng.normal(1, 1, 80), rng.normal(0, 1, 80), n_boot=10)  # FPR steps of 1.25%
+    assert set(few["tpr_at_fpr"]) == set() and set(few["tpr_at_fpr_missing"]) == {"0.01", "0.001"}
+    assert few["tpr_at_fpr_missing"]["0.001"] == "needs at least 1000 non-members, 80 scored (smallest FPR step 1.25%)"
+    some = attack_metrics(rng.normal(1, 1, 100), rng.normal(0, 1, 100), n_boot=10)
+    assert set(some["tpr_at_fpr"]) == {"0.01"} and set(some["tpr_at_fpr_missing"]) == {"0.001"}

@@ -7,6 +7,7 @@ bootstrap 95% intervals over resampled members and non-members.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -109,7 +110,11 @@ def attack_metrics(
         roc_points: at most this many ROC points are kept (log-spaced FPR grid).
 
     Returns:
-        {"auc", "auc_ci", "tpr_at_fpr": {"0.01": ..}, "tpr_at_fpr_ci": {..}, "roc": {"fpr", "tpr"}}.
+        {"auc", "auc_ci", "tpr_at_fpr": {"0.01": ..}, "tpr_at_fpr_ci": {..}, "tpr_at_fpr_missing":
+        {level: why}, "roc": {"fpr", "tpr"}}. A TPR at an FPR level is given only where the
+        non-members resolve it (at least 1/level of them: with n, FPR moves in steps of 1/n, and
+        below one step the threshold admits no false positive at all, a different quantity);
+        otherwise the level is in "tpr_at_fpr_missing" with the reason.
     """
     members, non_members = np.asarray(members, float), np.asarray(non_members, float)
     fpr, tpr = roc_curve(members, non_members)
@@ -121,9 +126,16 @@ def attack_metrics(
         "auc_ci": bootstrap_ci(members, non_members, auc, n_boot, seed),
         "tpr_at_fpr": {},
         "tpr_at_fpr_ci": {},
+        "tpr_at_fpr_missing": {},
         "roc": {"fpr": grid.tolist(), "tpr": grid_tpr},
     }
     for level in FPR_LEVELS:
+        if len(non_members) * level < 1:
+            out["tpr_at_fpr_missing"][str(level)] = (
+                f"needs at least {math.ceil(1 / level)} non-members, {len(non_members)} scored "
+                f"(smallest FPR step {1 / max(len(non_members), 1):.2%})"
+            )
+            continue
 
         def at(a: np.ndarray, b: np.ndarray, level: float = level) -> float:
             return tpr_at_fpr(a, b, level)

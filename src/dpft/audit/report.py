@@ -253,11 +253,12 @@ def _exposure(models: dict) -> str:
 def _mia(models: dict) -> str:
     fig = Figure(figsize=(4 * max(len(models), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(models), 1), squeeze=False)[0]
-    rows = []
+    rows, missing = [], set()
     for ax, (name, m) in zip(axes, models.items(), strict=False):
         for score, r in (_get(m, "audit", "mia") or {}).items():
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{score} (AUC {r['auc']:.2f})")
             rows.append([name, score, r["auc"], r["auc_ci"], r["tpr_at_fpr"].get("0.01"), r["tpr_at_fpr"].get("0.001")])
+            missing |= {f"TPR @ {float(level):.1%} FPR: {why}" for level, why in r.get("tpr_at_fpr_missing", {}).items()}
         ax.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8)
         ax.set(
             xscale="log",
@@ -277,6 +278,7 @@ def _mia(models: dict) -> str:
         "Membership inference",
         _png(fig, "ROC curves"),
         _table(["model", "score", "AUC", "AUC 95% CI", "TPR @ 1% FPR", "TPR @ 0.1% FPR"], rows),
+        *(f"<p>Not reported: {html.escape(m)}.</p>" for m in sorted(missing)),
     )
 
 
