@@ -123,6 +123,21 @@ class Parallel:
             self.owns_group = False
 
 
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: every transformer block (the model's `_no_split_modules`) its own group, the root last.
+
+    The root group holds what no block holds: the embeddings, a tied LM head (tied weights must sit
+    in one group), the final norm. Parameters are sharded on dim 0, FSDP2's default, which is the
+    layout `ReduceScatterSums` reduce-scatters into. Collective: every rank calls it.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
+    for block in [m for m in model.modules() if type(m).__name__ in names]:
+        fully_shard(block)
+    return fully_shard(model)
+
+
 def launch(nproc_per_node: int, train_args: Sequence[str]) -> int:
     """`dpft train --nproc-per-node N …`: run `torchrun --nproc-per-node N -m dpft.cli.main train …`.
 
