@@ -6,13 +6,20 @@ Every test here runs 2 gloo processes on CPU (one `torch.multiprocessing.spawn` 
   full fine-tuning (tied embeddings) and LoRA over a sharded frozen base; the optimizer steps the
   shards to the single-process result;
 - noise once per coordinate: on a zero-gradient step the gathered gradient has std σC (not
-  √2·σC), and in seeded mode it is exactly the single-process draw, across uneven shards.
+  √2·σC), and in seeded mode it is exactly the single-process draw, across uneven shards;
+- `dpft train --fsdp` on 2 processes equals the 1-process run with the same unsafe seed (same
+  privacy.json and journal, weights within float tolerance; full fine-tuning and LoRA), and a
+  sharded run that crashed resumes from its one-process-format checkpoint to the same weights,
+  with every step that touched the data in its journal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +27,9 @@ import torch
 import torch.distributed as dist
 
 from dpft.privacy.randomness import Randomness
-from helpers import tiny_llama, trainable
+from dpft.run_layout import RunPaths
+from dpft.training.config import TrainConfig
+from helpers import tiny_llama, trainable, write_records
 from test_engine import clipped_sum, example_losses, lora, make_batch, norm_of, reference_unit_grads
 
 WORLD = 2
@@ -48,7 +57,7 @@ def _step(model: torch.nn.Module, mechanism, randomness: Randomness):
 def _sharded_sums(rank: int, tmp: Path) -> None:
     """Each model and unit layout: reference on the unsharded model, then the sharded DP step."""
     from dpft.privacy.step import Mechanism
-    from dpft.training.distributed import shard_model
+    from dpft.training.fsdp import shard_model
 
     for (model_name, build), (unit_name, units) in [(m, u) for m in MODELS.items() for u in UNITS.items()]:
         model = build()
@@ -80,7 +89,7 @@ def _sharded_sums(rank: int, tmp: Path) -> None:
 def _zero_gradient_noise(rank: int, tmp: Path) -> None:
     """A step with no unit on any rank, uneven shards (257 rows over 2 ranks): the noise alone."""
     from dpft.privacy.step import Mechanism
-    from dpft.training.distributed import shard_model
+    from dpft.training.fsdp import shard_model
 
     result = {}
     for label, randomness in (("secure", Randomness.secure()), ("seeded", Randomness.unsafe_seeded(SEED))):
@@ -95,20 +104,63 @@ def _zero_gradient_noise(rank: int, tmp: Path) -> None:
     torch.save(result, tmp / f"noise-rank{rank}.pt")
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _scenarios(tmp: Path, model_dir: str) -> dict[str, TrainConfig]:
+    data = str(tmp / "d.jsonl")  # written once, before the ranks start: two writers would race
+    lora_run = TrainConfig(
+        data=data, output="", model=model_dir, batch_size=8, micro_batch_size=4, max_steps=5, lr=1e-2,
+        max_length=64, quiet=True, epsilon=8.0, delta=1e-3, checkpoint_every=0, unsafe_seed=SEED,
+        device="cpu", dtype="fp32", lora_targets="all-linear",
+    )  # fmt: skip
+    return {
+        "lora": lora_run,
+        "full": replace(lora_run, full=True, lr=1e-3),
+        "uncapped": replace(lora_run, epsilon=None, noise_multiplier=1.0),  # a resume may run past 5 steps
+    }
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _recipe_runs(tmp: Path, model_dir: str) -> None:
+    """Each scenario with --fsdp; then a LoRA run that crashes after step 4 and is resumed."""
+    from dpft.training import recipe
+
+    for name in ("lora", "full"):
+        config = _scenarios(tmp, model_dir)[name]
+        recipe.train(replace(config, output=str(tmp / f"{name}-fsdp"), fsdp=True))
+    original = recipe._train_step
+
+    def crashing(run, t):
+        original(run, t)
+        if t == 3:  # steps 3 and 4 journalled and applied; the last checkpoint is step 2's
+            raise Crash
+
+    recipe._train_step = crashing
+    config = replace(_scenarios(tmp, model_dir)["uncapped"], checkpoint_every=2, output=str(tmp / "resumed-fsdp"))
+    with contextlib.suppress(Crash):
+        recipe.train(replace(config, fsdp=True))
+    recipe._train_step = original
+    recipe.train(TrainConfig(resume=config.output, quiet=True, device="cpu", fsdp=True))
+
+
+def _worker(rank: int, port: int, tmp: str, model_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     _sharded_sums(rank, Path(tmp))
     _zero_gradient_noise(rank, Path(tmp))
+    _recipe_runs(Path(tmp), model_dir)
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory) -> Path:
+def fsdp_runs(tmp_path_factory, tiny_model_dir) -> Path:
+    """Every 2-process check in one spawn (each process start costs seconds on a 2-core box)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
+    write_records(tmp / "d.jsonl")
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp), tiny_model_dir), nprocs=WORLD, join=True)
     return tmp
 
 
@@ -141,3 +193,45 @@ def test_noise_is_added_once_per_coordinate(fsdp_runs):
     add_gaussian_noise(alone, SIGMA * CLIP, Randomness.unsafe_seeded(SEED), 3)
     for got, want in zip(ranks[0]["seeded"], alone, strict=True):
         assert torch.equal(got, want)  # the one-process draw, coordinate for coordinate
+
+
+def _single(tmp: Path, model_dir: str, name: str) -> Path:
+    from dpft.training import recipe
+
+    out = tmp / f"{name}-1p"
+    if not out.exists():
+        recipe.train(replace(_scenarios(tmp, model_dir)[name], output=str(out)))
+    return out
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted((run / "model").glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])
+
+
+def _assert_same_weights(one: Path, two: Path, atol: float) -> None:
+    w1, w2 = _weights(one), _weights(two)
+    assert set(w1) == set(w2)
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=atol, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_two_sharded_processes_equal_one(fsdp_runs, tiny_model_dir, name, one_torch_thread):
+    one, two = _single(fsdp_runs, tiny_model_dir, name), fsdp_runs / f"{name}-fsdp"
+    assert json.loads((two / "privacy.json").read_text()) == json.loads((one / "privacy.json").read_text())
+    assert RunPaths(two).journal.read_bytes() == RunPaths(one).journal.read_bytes()
+    _assert_same_weights(one, two, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_to_the_same_weights_and_accounts_the_lost_steps(fsdp_runs, tiny_model_dir):
+    resumed = fsdp_runs / "resumed-fsdp"
+    report = json.loads((resumed / "privacy.json").read_text())
+    assert report["steps"] == 5 + 2  # steps 3 and 4 of the crashed attempt touched the data: counted
+    assert report["segments"] == [[report["sample_rate"], report["noise_multiplier"], 7]]
+    _assert_same_weights(_single(fsdp_runs, tiny_model_dir, "uncapped"), resumed, atol=2e-5)

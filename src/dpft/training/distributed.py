@@ -30,6 +30,8 @@ import torch.distributed as dist
 from dpft.errors import ConfigError
 from dpft.models.device import resolve_device
 from dpft.privacy.distributed import AllReduceSums, BroadcastJournal, BroadcastSampler, split_units
+from dpft.privacy.sharded import ReduceScatterSums
+from dpft.training import fsdp as sharding
 
 
 @dataclass
@@ -40,15 +42,19 @@ class Parallel:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # we initialised the process group, so `close` tears it down
+    fsdp: bool = False  # --fsdp: the model is sharded (FSDP2), the clipped sums reduce-scattered
 
     @classmethod
-    def from_env(cls, requested_device: str = "auto") -> Parallel:
+    def from_env(cls, requested_device: str = "auto", fsdp: bool = False) -> Parallel:
         """Single process unless torchrun's WORLD_SIZE > 1; then join (or create) the process group.
 
         Raises:
-            ConfigError: A bad --device, or an environment that names a rank without a world.
+            ConfigError: A bad --device, an environment that names a rank without a world, or
+                --fsdp in a single process.
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1 and fsdp:
+            raise ConfigError(["--fsdp shards the model across processes: give --nproc-per-node N >= 2 (or torchrun)"])
         if world <= 1:
             return cls(device=resolve_device(requested_device))
         if "RANK" not in os.environ:
@@ -63,7 +69,7 @@ class Parallel:
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             owns = True
-        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns, fsdp)
 
     @property
     def distributed(self) -> bool:
@@ -83,8 +89,32 @@ class Parallel:
     def journal(self, journal):
         return BroadcastJournal(journal) if self.distributed else journal
 
-    def reducer(self) -> AllReduceSums | None:
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Every rank starts from rank 0's trainable weights; with --fsdp the model is then sharded."""
+        self.sync_parameters(model)
+        return sharding.shard_model(model) if self.fsdp else model
+
+    def reducer(self, model: torch.nn.Module) -> AllReduceSums | ReduceScatterSums | None:
+        """How `PrivacyStep.finish` sums the ranks' clipped sums (after `prepare`)."""
+        if self.fsdp:
+            return ReduceScatterSums({n: p for n, p in model.named_parameters() if p.requires_grad})
         return AllReduceSums() if self.distributed else None
+
+    def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Trainable weights and optimizer state as one process holds them (--fsdp: gathered, collective)."""
+        weights = {n: sharding.full(p) for n, p in model.named_parameters() if p.requires_grad}
+        return weights, sharding.full_optimizer_state(optimizer) if self.fsdp else optimizer.state_dict()
+
+    def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, state: dict) -> None:
+        """Load a checkpoint written by `full_state` (any number of processes, sharded or not)."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        for name, value in weights.items():
+            sharding.load_full_weight(params[name], value)
+        optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer, state) if self.fsdp else state)
+
+    def model_state(self, model: torch.nn.Module) -> dict | None:
+        """--fsdp: the full state dict for rank 0 to save (collective); else None (the model saves itself)."""
+        return sharding.full_model_state(model) if self.fsdp else None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -109,7 +139,7 @@ class Parallel:
         return total / count if count else float("nan")
 
     def sync_parameters(self, model: torch.nn.Module) -> None:
-        """Start every rank from rank 0's trainable weights (initialisation or checkpoint)."""
+        """Start every rank from rank 0's trainable weights (before sharding)."""
         if not self.distributed:
             return
         with torch.no_grad():
@@ -121,21 +151,6 @@ class Parallel:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
-
-
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: every transformer block (the model's `_no_split_modules`) its own group, the root last.
-
-    The root group holds what no block holds: the embeddings, a tied LM head (tied weights must sit
-    in one group), the final norm. Parameters are sharded on dim 0, FSDP2's default, which is the
-    layout `ReduceScatterSums` reduce-scatters into. Collective: every rank calls it.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
-    for block in [m for m in model.modules() if type(m).__name__ in names]:
-        fully_shard(block)
-    return fully_shard(model)
 
 
 def launch(nproc_per_node: int, train_args: Sequence[str]) -> int:
