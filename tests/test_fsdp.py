@@ -54,6 +54,30 @@ def _step(model: torch.nn.Module, mechanism, randomness: Randomness):
     return PrivacyStep(model, mechanism, Budget(1e-5), randomness, MemoryJournal(), reducer=reducer)
 
 
+@contextlib.contextmanager
+def _counting_fsdp_reductions():
+    """Counts FSDP2's own gradient reduce-scatters (its `foreach_reduce`) in the block."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+    calls, original = [], group.foreach_reduce
+    group.foreach_reduce = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        yield calls
+    finally:
+        group.foreach_reduce = original
+
+
+def _plain_backward_reduces(rank: int) -> int:
+    """The counter's control: a plain backward on a sharded model does make FSDP reduce-scatter."""
+    from dpft.training.fsdp import shard_model
+
+    model = shard_model(tiny_llama())
+    ids, mask, labels, _ = make_batch([0, 1])
+    with _counting_fsdp_reductions() as calls:
+        example_losses(model, ids, mask, labels).sum().backward()
+    return len(calls)
+
+
 def _sharded_sums(rank: int, tmp: Path) -> None:
     """Each model and unit layout: reference on the unsharded model, then the sharded DP step."""
     from dpft.privacy.step import Mechanism
@@ -74,14 +98,18 @@ def _sharded_sums(rank: int, tmp: Path) -> None:
         mine = unit_index < half if rank == 0 else unit_index >= half  # record: 3 units each; user: {0, 1} | {2}
         local = torch.unique(unit_index[mine], return_inverse=True)[1]
         step.begin(0)
-        step.backward(example_losses(model, ids[mine], mask[mine], labels[mine]), local)
+        with _counting_fsdp_reductions() as fsdp_reductions:
+            step.backward(example_losses(model, ids[mine], mask[mine], labels[mine]), local)
         step.finish()
         got = {n: p.grad.full_tensor() for n, p in trainable(model).items()}
         optimizer.step()
         after = {n: p.detach().full_tensor() for n, p in trainable(model).items()}
         if rank == 0:
             expected = {n: before[n] - LR * want[n] for n in want}
-            result = {"got": got, "want": want, "after": after, "expected": expected, "calls": step._reducer.calls}
+            result = {
+                "got": got, "want": want, "after": after, "expected": expected, "calls": step._reducer.calls,
+                "fsdp_reductions": fsdp_reductions,
+            }  # fmt: skip
             torch.save(result, tmp / f"sums-{model_name}-{unit_name}.pt")
         step.remove()
 
@@ -150,6 +178,7 @@ def _worker(rank: int, port: int, tmp: str, model_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     _sharded_sums(rank, Path(tmp))
+    (Path(tmp) / f"plain-reductions-{rank}").write_text(str(_plain_backward_reduces(rank)))
     _zero_gradient_noise(rank, Path(tmp))
     _recipe_runs(Path(tmp), model_dir)
     dist.destroy_process_group()
@@ -170,6 +199,9 @@ def fsdp_runs(tmp_path_factory, tiny_model_dir) -> Path:
 def test_sharded_clipped_sums_equal_the_per_unit_loop(fsdp_runs, model, units):
     result = torch.load(fsdp_runs / f"sums-{model}-{units}.pt")
     assert result["got"].keys() == result["want"].keys() and result["calls"] == 1  # one reduce-scatter
+    # FSDP2 reduced no unclipped gradient of its own (the engine's backward leaves it none); the
+    # same count is positive for a plain backward on a sharded model
+    assert len(result["fsdp_reductions"]) == 0 and int((fsdp_runs / "plain-reductions-0").read_text()) > 0
     for name, want in result["want"].items():
         scale = float(want.abs().max()) + 1e-12
         torch.testing.assert_close(result["got"][name], want, rtol=1e-4, atol=1e-4 * scale, msg=name)
@@ -235,3 +267,81 @@ def test_a_sharded_run_resumes_to_the_same_weights_and_accounts_the_lost_steps(f
     assert report["steps"] == 5 + 2  # steps 3 and 4 of the crashed attempt touched the data: counted
     assert report["segments"] == [[report["sample_rate"], report["noise_multiplier"], 7]]
     _assert_same_weights(_single(fsdp_runs, tiny_model_dir, "uncapped"), resumed, atol=2e-5)
+
+
+# ---- fast: the layout, the option and its refusals -------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("length", [1, 3, 5, 8, 257])
+def test_rows_are_torch_chunks_and_tile_the_dim(length, world):
+    from dpft.privacy.sharded import rows_of
+
+    chunks = torch.arange(length).chunk(world)
+    spans = [rows_of(length, world, r) for r in range(world)]
+    for r, (start, rows) in enumerate(spans):
+        want = chunks[r].tolist() if r < len(chunks) else []
+        assert list(range(start, start + rows)) == want  # FSDP2 cuts Shard(0) as torch.chunk does
+    assert sum(rows for _, rows in spans) == length
+
+
+def test_fsdp_needs_several_processes(monkeypatch):
+    from dpft.errors import ConfigError
+    from dpft.training.distributed import Parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="--fsdp"):
+        Parallel.from_env("cpu", fsdp=True)
+
+
+def test_fsdp_is_an_invocation_option_and_not_for_the_baseline():
+    from dpft.errors import ConfigError
+
+    assert "fsdp" not in TrainConfig(fsdp=True).public_dict()  # a resume may shard or not
+    with pytest.raises(ConfigError, match="--fsdp"):
+        TrainConfig(data="d", output="o", fsdp=True, no_dp=True).validate()
+
+
+def test_reducer_refuses_parameters_that_are_not_sharded(tmp_path):
+    from dpft.privacy.sharded import ReduceScatterSums
+
+    with pytest.raises(ValueError, match="sharded on dim 0"):
+        ReduceScatterSums(dict(torch.nn.Linear(2, 2).named_parameters()))
+
+
+def test_cli_passes_fsdp_to_every_rank(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from dpft.cli.main import app
+    from dpft.training import distributed
+
+    seen = {}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch", lambda n, args: seen.update(n=n, args=args) or 0)
+    args = ["train", "--data", "d.jsonl", "--output", str(tmp_path / "r"), "--nproc-per-node", "2", "--fsdp"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert seen["n"] == 2 and "--fsdp" in seen["args"]
+
+
+@pytest.mark.slow
+def test_cli_fsdp_runs_two_processes(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_records(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    args = [
+        "train", "--data", str(data), "--output", str(out), "--model", tiny_model_dir, "--batch-size", "8",
+        "--micro-batch-size", "4", "--max-steps", "2", "--max-length", "64", "--delta", "1e-3", "--full",
+        "--checkpoint-every", "1", "--quiet", "--device", "cpu", "--nproc-per-node", "2", "--fsdp", "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-m", "dpft.cli.main", *args], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout[res.stdout.index("{") :])
+    assert report["steps"] == 2 and report == json.loads((out / "privacy.json").read_text())
+    assert "fsdp" not in yaml.safe_load((out / "config.yaml").read_text())
+    assert (out / "model" / "model.safetensors").is_file()
