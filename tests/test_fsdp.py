@@ -16,6 +16,7 @@ Every test here runs 2 gloo processes on CPU (one `torch.multiprocessing.spawn` 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import socket
@@ -143,6 +144,7 @@ def _scenarios(tmp: Path, model_dir: str) -> dict[str, TrainConfig]:
         "lora": lora_run,
         "full": replace(lora_run, full=True, lr=1e-3),
         "uncapped": replace(lora_run, epsilon=None, noise_multiplier=1.0),  # a resume may run past 5 steps
+        "sparse": replace(lora_run, batch_size=1),  # q = 1/40: most steps leave a rank (or both) idle
     }
 
 
@@ -154,7 +156,7 @@ def _recipe_runs(tmp: Path, model_dir: str) -> None:
     """Each scenario with --fsdp; then a LoRA run that crashes after step 4 and is resumed."""
     from dpft.training import recipe
 
-    for name in ("lora", "full"):
+    for name in ("lora", "full", "sparse"):
         config = _scenarios(tmp, model_dir)[name]
         recipe.train(replace(config, output=str(tmp / f"{name}-fsdp"), fsdp=True))
     original = recipe._train_step
@@ -176,7 +178,8 @@ def _worker(rank: int, port: int, tmp: str, model_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a rank left waiting in a collective fails the test after 2 minutes instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     _sharded_sums(rank, Path(tmp))
     (Path(tmp) / f"plain-reductions-{rank}").write_text(str(_plain_backward_reduces(rank)))
     _zero_gradient_noise(rank, Path(tmp))
@@ -252,7 +255,7 @@ def _assert_same_weights(one: Path, two: Path, atol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lora", "full"])
+@pytest.mark.parametrize("name", ["lora", "full", "sparse"])
 def test_two_sharded_processes_equal_one(fsdp_runs, tiny_model_dir, name, one_torch_thread):
     one, two = _single(fsdp_runs, tiny_model_dir, name), fsdp_runs / f"{name}-fsdp"
     assert json.loads((two / "privacy.json").read_text()) == json.loads((one / "privacy.json").read_text())

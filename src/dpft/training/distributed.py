@@ -13,7 +13,10 @@ With W > 1 processes (`torchrun --nproc-per-node W -m dpft.cli.main train …`, 
 - every step's Poisson draw comes from rank 0 (`BroadcastSampler`); the sampled units are split
   by token count (`split_units`); each rank clips its share; `PrivacyStep.finish` noises on rank 0
   only and all-reduces once (`AllReduceSums`) — see privacy/distributed.py for why that is the
-  single-process mechanism exactly.
+  single-process mechanism exactly;
+- with --fsdp the model is sharded after every rank took rank 0's weights (`prepare`), the clipped
+  sums are reduce-scattered and each rank noises its own rows (`ReduceScatterSums`,
+  privacy/sharded.py); checkpoints and the saved model are gathered into the one-process format.
 """
 
 from __future__ import annotations
@@ -122,10 +125,20 @@ class Parallel:
 
     def local_units(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> np.ndarray:
         """This rank's share of the sampled units (all of them in a single process), balanced by tokens."""
+        return self.shares(units, unit_examples, examples)[self.rank]
+
+    def shares(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> list[np.ndarray]:
+        """Every rank's share of the sampled units, as every rank computes it (no communication)."""
         if not self.distributed:
-            return units
+            return [units]
         weights = [sum(len(examples[i].input_ids) for i in unit_examples[u]) for u in units]
-        return np.asarray(split_units(list(units), weights, self.world_size)[self.rank], dtype=np.int64)
+        return [np.asarray(s, dtype=np.int64) for s in split_units(list(units), weights, self.world_size)]
+
+    def idle_passes(self, passes: Sequence[int]) -> int:
+        """--fsdp: extra forward/backward passes this rank runs so that every rank runs as many as the
+        busiest (FSDP2 all-gathers the weights in every pass: a rank that skipped one would leave the
+        others waiting, or pair their collectives wrongly). `passes`: each rank's micro-batch count."""
+        return max(passes) - passes[self.rank] if self.fsdp else 0
 
     def mean_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean per-example loss of the whole logical step (private bookkeeping, outside the DP sum)."""

@@ -121,9 +121,10 @@ def _train_step(run: Run, t: int) -> None:
         group["lr"] = lr
     run.step.begin(t)  # the hard stop and the journal line come before any data is read
     units = run.sampler.sample(t)  # data-parallel: drawn on rank 0, the same on every rank
-    mine = run.par.local_units(units, run.units.unit_examples, run.examples)  # all of them in one process
+    shares = run.par.shares(units, run.units.unit_examples, run.examples)  # [all of them] in one process
+    batches = [run.units.micro_batches(share, c.micro_batch_size) for share in shares]
     losses = []
-    for examples, unit_index in run.units.micro_batches(mine, c.micro_batch_size):
+    for examples, unit_index in batches[run.par.rank]:
         batch = _on(collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id), run.par.device)
         unit_index = unit_index.to(run.par.device)
         with autocast(run.dtype, run.par.device):
@@ -134,6 +135,8 @@ def _train_step(run: Run, t: int) -> None:
                 per_example = example_losses(logits, batch["labels"])
         run.step.backward(per_example, unit_index)
         losses.append(per_example.detach())
+    for _ in range(run.par.idle_passes([len(b) for b in batches])):  # --fsdp: ranks pass in lockstep
+        _idle_pass(run)
     run.step.finish()  # data-parallel: noise on rank 0 only, then one all-reduce of the clipped sums
     run.optimizer.step()
     run.steps_done = t + 1
@@ -151,6 +154,15 @@ def _train_step(run: Run, t: int) -> None:
         "seconds": round(seconds, 4),
     }
     append_row(run.paths.train_log, private)
+
+
+def _idle_pass(run: Run) -> None:
+    """A forward and backward on one pad token, its loss × 0: the gradient is exactly zero, so the
+    clipped sums do not change (and no data is read); FSDP2's all-gathers run as on the other ranks."""
+    ids = torch.full((1, 1), run.tokenizer.pad_token_id, device=run.par.device)
+    with autocast(run.dtype, run.par.device):
+        logits = run.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    run.step.backward(logits.float().sum(dim=(1, 2)) * 0.0, torch.zeros(1, dtype=torch.long, device=run.par.device))
 
 
 def setup(config: TrainConfig) -> Run:
