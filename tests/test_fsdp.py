@@ -145,6 +145,7 @@ def _scenarios(tmp: Path, model_dir: str) -> dict[str, TrainConfig]:
         "full": replace(lora_run, full=True, lr=1e-3),
         "uncapped": replace(lora_run, epsilon=None, noise_multiplier=1.0),  # a resume may run past 5 steps
         "sparse": replace(lora_run, batch_size=1),  # q = 1/40: most steps leave a rank (or both) idle
+        "checkpointed": replace(lora_run, full=True, lr=1e-3, gradient_checkpointing=True),
     }
 
 
@@ -156,7 +157,7 @@ def _recipe_runs(tmp: Path, model_dir: str) -> None:
     """Each scenario with --fsdp; then a LoRA run that crashes after step 4 and is resumed."""
     from dpft.training import recipe
 
-    for name in ("lora", "full", "sparse"):
+    for name in ("lora", "full", "sparse", "checkpointed"):
         config = _scenarios(tmp, model_dir)[name]
         recipe.train(replace(config, output=str(tmp / f"{name}-fsdp"), fsdp=True))
     original = recipe._train_step
@@ -255,7 +256,7 @@ def _assert_same_weights(one: Path, two: Path, atol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lora", "full", "sparse"])
+@pytest.mark.parametrize("name", ["lora", "full", "sparse", "checkpointed"])
 def test_two_sharded_processes_equal_one(fsdp_runs, tiny_model_dir, name, one_torch_thread):
     one, two = _single(fsdp_runs, tiny_model_dir, name), fsdp_runs / f"{name}-fsdp"
     assert json.loads((two / "privacy.json").read_text()) == json.loads((one / "privacy.json").read_text())
