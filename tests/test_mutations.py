@@ -32,9 +32,12 @@ MUTATIONS = [
     Mutation(
         "noise std σ instead of σC",
         "privacy/step.py",
-        "m.noise_multiplier * m.max_grad_norm, self._randomness",
-        "m.noise_multiplier, self._randomness",
-        ("tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",),
+        "return self.mechanism.noise_multiplier * self.mechanism.max_grad_norm",
+        "return self.mechanism.noise_multiplier",
+        (
+            "tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",
+            "tests/test_fsdp.py::test_noise_is_added_once_per_coordinate",
+        ),
     ),
     Mutation(
         "division by the realised batch size",
@@ -127,7 +130,7 @@ MUTATIONS = [
         "FSDP: every rank noises its whole partial sum before the reduce-scatter",
         "privacy/step.py",
         "        rows = reducer.scatter(list(sums.values()))\n",
-        "        add_gaussian_noise(list(sums.values()), m.noise_multiplier * m.max_grad_norm, self._randomness, "
+        "        add_gaussian_noise(list(sums.values()), self._noise_std, self._randomness, "
         "self._step)\n        rows = reducer.scatter(list(sums.values()))\n",
         ("tests/test_fsdp.py::test_noise_is_added_once_per_coordinate",),
     ),

@@ -254,7 +254,7 @@ class PrivacyStep:
             self._finish_sharded(sums)
             return
         if m.dp and (self._reducer is None or self._reducer.adds_noise):
-            add_gaussian_noise(list(sums.values()), m.noise_multiplier * m.max_grad_norm, self._randomness, self._step)
+            add_gaussian_noise(list(sums.values()), self._noise_std, self._randomness, self._step)
         if self._reducer is not None:
             self._reducer.reduce(list(sums.values()))
         for name, total in sums.items():
@@ -263,13 +263,18 @@ class PrivacyStep:
             self._written[name] = param.grad
         self._state = _FINISHED
 
+    @property
+    def _noise_std(self) -> float:
+        """σC: the std of the one draw each coordinate gets (before ÷ B)."""
+        return self.mechanism.noise_multiplier * self.mechanism.max_grad_norm
+
     def _finish_sharded(self, sums: dict[str, Tensor]) -> None:
         """FSDP2: reduce-scatter the fp32 sums, noise this rank's rows (each coordinate has one
         owner, so one draw), ÷ B, and hand the rows to the sharded parameters as their gradients."""
         m, reducer = self.mechanism, self._reducer
         rows = reducer.scatter(list(sums.values()))
         if m.dp:
-            add_gaussian_noise(rows, m.noise_multiplier * m.max_grad_norm, self._randomness, self._step, reducer.shards)
+            add_gaussian_noise(rows, self._noise_std, self._randomness, self._step, reducer.shards)
         for name, total in zip(sums, rows, strict=True):
             param = self._params[name]
             param.grad = reducer.as_grad(param, total.div_(m.expected_batch_size).to(param.dtype))
