@@ -103,7 +103,7 @@ def test_single_process_parallel_is_the_identity(monkeypatch):
     par = Parallel.from_env("cpu")
     assert (par.rank, par.world_size, par.is_main, par.distributed) == (0, 1, True, False)
     sampler = PoissonSampler(10, 0.5, Randomness.unsafe_seeded(1))
-    assert par.sampler(sampler) is sampler and par.reducer() is None
+    assert par.sampler(sampler) is sampler and par.reducer(torch.nn.Linear(1, 1)) is None
     units = np.array([1, 4, 7])
     assert par.local_units(units, [], []) is units
     losses = [torch.tensor([1.0, 2.0]), torch.tensor([4.0])]

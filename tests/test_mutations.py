@@ -32,9 +32,12 @@ MUTATIONS = [
     Mutation(
         "noise std σ instead of σC",
         "privacy/step.py",
-        "m.noise_multiplier * m.max_grad_norm, self._randomness",
-        "m.noise_multiplier, self._randomness",
-        ("tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",),
+        "return self.mechanism.noise_multiplier * self.mechanism.max_grad_norm",
+        "return self.mechanism.noise_multiplier",
+        (
+            "tests/test_step.py::test_empty_step_is_noised_with_std_sigma_c_over_expected_batch",
+            "tests/test_fsdp.py::test_noise_is_added_once_per_coordinate",
+        ),
     ),
     Mutation(
         "division by the realised batch size",
@@ -122,6 +125,28 @@ MUTATIONS = [
         "if m.dp and (self._reducer is None or self._reducer.adds_noise):",
         "if m.dp:",
         ("tests/test_distributed.py::test_noise_is_added_once_not_on_every_rank",),
+    ),
+    Mutation(
+        "FSDP: every rank noises its whole partial sum before the reduce-scatter",
+        "privacy/step.py",
+        "        rows = reducer.scatter(list(sums.values()))\n",
+        "        add_gaussian_noise(list(sums.values()), self._noise_std, self._randomness, "
+        "self._step)\n        rows = reducer.scatter(list(sums.values()))\n",
+        ("tests/test_fsdp.py::test_noise_is_added_once_per_coordinate",),
+    ),
+    Mutation(
+        "FSDP: the clipped sums are not summed over the ranks (each rank keeps its own rows)",
+        "privacy/sharded.py",
+        "dist.reduce_scatter_tensor(received, send.reshape(-1), op=dist.ReduceOp.SUM, group=self.group)",
+        "received.copy_(send[self.rank])",
+        ("tests/test_fsdp.py::test_sharded_clipped_sums_equal_the_per_unit_loop",),
+    ),
+    Mutation(
+        "FSDP: the norm rule clips against the attach-time (sharded) weights",
+        "privacy/rules/norm.py",
+        "current = {n: module._parameters[n] for n in params}",
+        "current = params",
+        ("tests/test_fsdp.py::test_sharded_clipped_sums_equal_the_per_unit_loop",),
     ),
 ]
 

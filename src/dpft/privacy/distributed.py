@@ -55,6 +55,8 @@ class AllReduceSums:
         RuntimeError: The group does not have exactly one rank that adds the noise.
     """
 
+    scatters = False  # PrivacyStep: noise before the reduce, on the one rank that `adds_noise`
+
     def __init__(self, group: dist.ProcessGroup | None = None, bucket_elements: int = BUCKET_ELEMENTS):
         self.group, self.bucket_elements = group, bucket_elements
         self.adds_noise = _rank(group) == 0

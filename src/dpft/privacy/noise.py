@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +51,20 @@ def _secure_noise(shape: torch.Size, std: float, device: torch.device) -> torch.
     return draws.sum(dim=0).mul_(std / math.sqrt(SECURE_NOISE_DRAWS))
 
 
-def add_gaussian_noise(tensors: Sequence[torch.Tensor], std: float, randomness: Randomness, step: int) -> None:
+class RowShard(NamedTuple):
+    """Where one rank's part of a sharded sum lies: rows start, start+1, … (dim 0) of `full_shape`."""
+
+    full_shape: torch.Size
+    start: int
+
+
+def add_gaussian_noise(
+    tensors: Sequence[torch.Tensor],
+    std: float,
+    randomness: Randomness,
+    step: int,
+    shards: Sequence[RowShard] | None = None,
+) -> None:
     """Add N(0, std²) noise to every coordinate of every fp32 tensor, in place.
 
     Args:
@@ -58,6 +72,9 @@ def add_gaussian_noise(tensors: Sequence[torch.Tensor], std: float, randomness: 
         std: Noise standard deviation σ·C (the caller divides by the expected batch size after).
         randomness: Secure (fresh OS entropy) or unsafe seeded.
         step: The logical step, which keys seeded noise (a resumed seeded run redraws the same).
+        shards: Sharded sums only: each tensor is these rows of a tensor of the full shape. Secure
+            noise is drawn for the rows alone; seeded noise is drawn for the full tensor (the one
+            process's stream) and these rows of it are added, so W ranks add the same noise as one.
 
     Raises:
         ConfigError: If std is negative or not finite.
@@ -67,12 +84,16 @@ def add_gaussian_noise(tensors: Sequence[torch.Tensor], std: float, randomness: 
         raise ConfigError([f"noise std (--noise-multiplier × --max-grad-norm) must be a finite number >= 0, got {std}"])
     if any(t.dtype != torch.float32 for t in tensors):
         raise ValueError("noise is added to fp32 sums, before any cast to the weights' dtype")
+    if shards is not None and len(shards) != len(tensors):
+        raise ValueError("one RowShard per tensor")
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
-        for tensor in tensors:
+        for i, tensor in enumerate(tensors):
             if randomness.mode == "os-entropy":
                 tensor.add_(_secure_noise(tensor.shape, std, tensor.device))
                 continue
             if tensor.device not in generators:
                 generators[tensor.device] = randomness.torch("noise", step, tensor.device)
-            tensor.add_(torch.normal(0.0, std, tensor.shape, generator=generators[tensor.device], device=tensor.device))
+            shape = tensor.shape if shards is None else shards[i].full_shape
+            noise = torch.normal(0.0, std, shape, generator=generators[tensor.device], device=tensor.device)
+            tensor.add_(noise if shards is None else noise[shards[i].start : shards[i].start + tensor.shape[0]])

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dpft.errors import BudgetExceededError, ConfigError
 from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, epsilon_of, max_steps
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
-from dpft.privacy.noise import add_gaussian_noise
+from dpft.privacy.noise import RowShard, add_gaussian_noise
 from dpft.privacy.randomness import Randomness
 
 
@@ -115,8 +115,23 @@ class Reducer(Protocol):
     """
 
     adds_noise: bool
+    scatters: bool  # False
 
     def reduce(self, tensors: list[Tensor]) -> None: ...
+
+
+class ShardedReducer(Protocol):
+    """Sums the step's fp32 clipped sums over the ranks and keeps this rank's rows (FSDP2).
+
+    Every rank noises its own rows after the reduce-scatter; the rows of the ranks tile each
+    parameter exactly once (privacy/sharded.py, `ReduceScatterSums`).
+    """
+
+    scatters: bool  # True
+    shards: list[RowShard]
+
+    def scatter(self, tensors: list[Tensor]) -> list[Tensor]: ...
+    def as_grad(self, param: nn.Parameter, rows: Tensor) -> Tensor: ...
 
 
 class MemoryJournal:
@@ -149,7 +164,8 @@ class PrivacyStep:
         randomness: Where the noise comes from (secure unless explicitly seeded).
         journal: Where each step is recorded before it touches the data.
         reducer: Data-parallel runs only: sums the ranks' clipped sums in `finish`, after the
-            noise (added on the one rank whose reducer `adds_noise`) and before ÷ B.
+            noise (added on the one rank whose reducer `adds_noise`) and before ÷ B; or, sharded
+            (FSDP2), reduce-scatters them before each rank noises its own rows.
 
     Raises:
         ConfigError: C is not positive, or the model has a module dpft cannot clip.
@@ -162,7 +178,7 @@ class PrivacyStep:
         budget: Budget,
         randomness: Randomness,
         journal: Journal,
-        reducer: Reducer | None = None,
+        reducer: Reducer | ShardedReducer | None = None,
     ):
         self.mechanism, self.budget = mechanism, budget
         self._reducer = reducer
@@ -234,13 +250,34 @@ class PrivacyStep:
         self._expect(_OPEN, "finish")
         sums = self._engine.take_sums()
         m = self.mechanism
+        if self._reducer is not None and self._reducer.scatters:
+            self._finish_sharded(sums)
+            return
         if m.dp and (self._reducer is None or self._reducer.adds_noise):
-            add_gaussian_noise(list(sums.values()), m.noise_multiplier * m.max_grad_norm, self._randomness, self._step)
+            add_gaussian_noise(list(sums.values()), self._noise_std, self._randomness, self._step)
         if self._reducer is not None:
             self._reducer.reduce(list(sums.values()))
         for name, total in sums.items():
             param = self._params[name]
             param.grad = total.div_(m.expected_batch_size).to(param.dtype)
+            self._written[name] = param.grad
+        self._state = _FINISHED
+
+    @property
+    def _noise_std(self) -> float:
+        """σC: the std of the one draw each coordinate gets (before ÷ B)."""
+        return self.mechanism.noise_multiplier * self.mechanism.max_grad_norm
+
+    def _finish_sharded(self, sums: dict[str, Tensor]) -> None:
+        """FSDP2: reduce-scatter the fp32 sums, noise this rank's rows (each coordinate has one
+        owner, so one draw), ÷ B, and hand the rows to the sharded parameters as their gradients."""
+        m, reducer = self.mechanism, self._reducer
+        rows = reducer.scatter(list(sums.values()))
+        if m.dp:
+            add_gaussian_noise(rows, self._noise_std, self._randomness, self._step, reducer.shards)
+        for name, total in zip(sums, rows, strict=True):
+            param = self._params[name]
+            param.grad = reducer.as_grad(param, total.div_(m.expected_batch_size).to(param.dtype))
             self._written[name] = param.grad
         self._state = _FINISHED
 

@@ -24,7 +24,7 @@ from dpft.privacy.accounting import ACCOUNTANTS
 from dpft.training.schedule import SCHEDULES
 
 # Fields that describe this invocation, not the run's settings: never saved in config.yaml.
-RUN_ONLY = ("unsafe_seed", "resume", "quiet", "device", "nproc_per_node")
+RUN_ONLY = ("unsafe_seed", "resume", "quiet", "device", "nproc_per_node", "fsdp")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -123,6 +123,12 @@ class TrainConfig:
         "Data-parallel processes on this node (launched through torch.distributed.run; one GPU each on CUDA, "
         "gloo on CPU). Same privacy: one Poisson draw and one noise draw per step, whatever the count.",
     )
+    fsdp: bool = _opt(
+        False,
+        "With --nproc-per-node N >= 2: shard weights, gradients and optimizer state across the processes "
+        "(FSDP2, fully_shard per transformer block) instead of a full copy on each. Same privacy: each "
+        "coordinate is noised once, by the process that holds it. Not with --no-dp.",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError listing every invalid setting at once."""
@@ -201,6 +207,8 @@ def _check_numbers(c: TrainConfig) -> list[str]:
         out.append(f"--lora-layers must be >= 1 (got {c.lora_layers})")
     if c.warmup_steps < 0:
         out.append(f"--warmup-steps must be >= 0 (got {c.warmup_steps})")
+    if c.fsdp and c.no_dp:
+        out.append("--fsdp is built for the DP step only; the --no-dp baseline runs without it")
     if c.checkpoint_every < 0:
         out.append(f"--checkpoint-every must be >= 0 (got {c.checkpoint_every})")
     if not (0 <= c.weight_decay < math.inf):

@@ -13,7 +13,10 @@ With W > 1 processes (`torchrun --nproc-per-node W -m dpft.cli.main train …`, 
 - every step's Poisson draw comes from rank 0 (`BroadcastSampler`); the sampled units are split
   by token count (`split_units`); each rank clips its share; `PrivacyStep.finish` noises on rank 0
   only and all-reduces once (`AllReduceSums`) — see privacy/distributed.py for why that is the
-  single-process mechanism exactly.
+  single-process mechanism exactly;
+- with --fsdp the model is sharded after every rank took rank 0's weights (`prepare`), the clipped
+  sums are reduce-scattered and each rank noises its own rows (`ReduceScatterSums`,
+  privacy/sharded.py); checkpoints and the saved model are gathered into the one-process format.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch.distributed as dist
 from dpft.errors import ConfigError
 from dpft.models.device import resolve_device
 from dpft.privacy.distributed import AllReduceSums, BroadcastJournal, BroadcastSampler, split_units
+from dpft.privacy.sharded import ReduceScatterSums
+from dpft.training import fsdp as sharding
 
 
 @dataclass
@@ -40,15 +45,19 @@ class Parallel:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # we initialised the process group, so `close` tears it down
+    fsdp: bool = False  # --fsdp: the model is sharded (FSDP2), the clipped sums reduce-scattered
 
     @classmethod
-    def from_env(cls, requested_device: str = "auto") -> Parallel:
+    def from_env(cls, requested_device: str = "auto", fsdp: bool = False) -> Parallel:
         """Single process unless torchrun's WORLD_SIZE > 1; then join (or create) the process group.
 
         Raises:
-            ConfigError: A bad --device, or an environment that names a rank without a world.
+            ConfigError: A bad --device, an environment that names a rank without a world, or
+                --fsdp in a single process.
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1 and fsdp:
+            raise ConfigError(["--fsdp shards the model across processes: give --nproc-per-node N >= 2 (or torchrun)"])
         if world <= 1:
             return cls(device=resolve_device(requested_device))
         if "RANK" not in os.environ:
@@ -63,7 +72,7 @@ class Parallel:
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             owns = True
-        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns, fsdp)
 
     @property
     def distributed(self) -> bool:
@@ -83,8 +92,32 @@ class Parallel:
     def journal(self, journal):
         return BroadcastJournal(journal) if self.distributed else journal
 
-    def reducer(self) -> AllReduceSums | None:
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Every rank starts from rank 0's trainable weights; with --fsdp the model is then sharded."""
+        self.sync_parameters(model)
+        return sharding.shard_model(model) if self.fsdp else model
+
+    def reducer(self, model: torch.nn.Module) -> AllReduceSums | ReduceScatterSums | None:
+        """How `PrivacyStep.finish` sums the ranks' clipped sums (after `prepare`)."""
+        if self.fsdp:
+            return ReduceScatterSums({n: p for n, p in model.named_parameters() if p.requires_grad})
         return AllReduceSums() if self.distributed else None
+
+    def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Trainable weights and optimizer state as one process holds them (--fsdp: gathered, collective)."""
+        weights = {n: sharding.full(p) for n, p in model.named_parameters() if p.requires_grad}
+        return weights, sharding.full_optimizer_state(optimizer) if self.fsdp else optimizer.state_dict()
+
+    def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, state: dict) -> None:
+        """Load a checkpoint written by `full_state` (any number of processes, sharded or not)."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        for name, value in weights.items():
+            sharding.load_full_weight(params[name], value)
+        optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer, state) if self.fsdp else state)
+
+    def model_state(self, model: torch.nn.Module) -> dict | None:
+        """--fsdp: the full state dict for rank 0 to save (collective); else None (the model saves itself)."""
+        return sharding.full_model_state(model) if self.fsdp else None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -92,10 +125,20 @@ class Parallel:
 
     def local_units(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> np.ndarray:
         """This rank's share of the sampled units (all of them in a single process), balanced by tokens."""
+        return self.shares(units, unit_examples, examples)[self.rank]
+
+    def shares(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> list[np.ndarray]:
+        """Every rank's share of the sampled units, as every rank computes it (no communication)."""
         if not self.distributed:
-            return units
+            return [units]
         weights = [sum(len(examples[i].input_ids) for i in unit_examples[u]) for u in units]
-        return np.asarray(split_units(list(units), weights, self.world_size)[self.rank], dtype=np.int64)
+        return [np.asarray(s, dtype=np.int64) for s in split_units(list(units), weights, self.world_size)]
+
+    def idle_passes(self, passes: Sequence[int]) -> int:
+        """--fsdp: extra forward/backward passes this rank runs so that every rank runs as many as the
+        busiest (FSDP2 all-gathers the weights in every pass: a rank that skipped one would leave the
+        others waiting, or pair their collectives wrongly). `passes`: each rank's micro-batch count."""
+        return max(passes) - passes[self.rank] if self.fsdp else 0
 
     def mean_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean per-example loss of the whole logical step (private bookkeeping, outside the DP sum)."""
@@ -109,7 +152,7 @@ class Parallel:
         return total / count if count else float("nan")
 
     def sync_parameters(self, model: torch.nn.Module) -> None:
-        """Start every rank from rank 0's trainable weights (initialisation or checkpoint)."""
+        """Start every rank from rank 0's trainable weights (before sharding)."""
         if not self.distributed:
             return
         with torch.no_grad():

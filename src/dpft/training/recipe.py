@@ -101,12 +101,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 break
             _train_step(run, t)
             progress.update(run.steps_done, run.step.epsilon)
-            if c.checkpoint_every and run.steps_done % c.checkpoint_every == 0 and run.par.is_main:
-                _checkpoint(run)
+            if c.checkpoint_every and run.steps_done % c.checkpoint_every == 0:
+                _checkpoint(run)  # --fsdp: every rank gathers, rank 0 writes
     run.step.remove()
     if run.step.mechanism.dp and run.par.is_main:
         run.budget.record(c, run.paths.root, run.journal.segments())
-    report = _finish(run, stop_reason) if run.par.is_main else privacy_report(run, stop_reason)
+    model_state = run.par.model_state(run.model)  # --fsdp: gathered onto rank 0 (collective)
+    report = _finish(run, stop_reason, model_state) if run.par.is_main else privacy_report(run, stop_reason)
     run.par.barrier()  # the other ranks return once rank 0 has written privacy.json
     run.par.close()
     return report
@@ -120,9 +121,10 @@ def _train_step(run: Run, t: int) -> None:
         group["lr"] = lr
     run.step.begin(t)  # the hard stop and the journal line come before any data is read
     units = run.sampler.sample(t)  # data-parallel: drawn on rank 0, the same on every rank
-    mine = run.par.local_units(units, run.units.unit_examples, run.examples)  # all of them in one process
+    shares = run.par.shares(units, run.units.unit_examples, run.examples)  # [all of them] in one process
+    batches = [run.units.micro_batches(share, c.micro_batch_size) for share in shares]
     losses = []
-    for examples, unit_index in run.units.micro_batches(mine, c.micro_batch_size):
+    for examples, unit_index in batches[run.par.rank]:
         batch = _on(collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id), run.par.device)
         unit_index = unit_index.to(run.par.device)
         with autocast(run.dtype, run.par.device):
@@ -133,6 +135,8 @@ def _train_step(run: Run, t: int) -> None:
                 per_example = example_losses(logits, batch["labels"])
         run.step.backward(per_example, unit_index)
         losses.append(per_example.detach())
+    for _ in range(run.par.idle_passes([len(b) for b in batches])):  # --fsdp: ranks pass in lockstep
+        _idle_pass(run)
     run.step.finish()  # data-parallel: noise on rank 0 only, then one all-reduce of the clipped sums
     run.optimizer.step()
     run.steps_done = t + 1
@@ -152,11 +156,20 @@ def _train_step(run: Run, t: int) -> None:
     append_row(run.paths.train_log, private)
 
 
+def _idle_pass(run: Run) -> None:
+    """A forward and backward on one pad token, its loss × 0: the gradient is exactly zero, so the
+    clipped sums do not change (and no data is read); FSDP2's all-gathers run as on the other ranks."""
+    ids = torch.full((1, 1), run.tokenizer.pad_token_id, device=run.par.device)
+    with autocast(run.dtype, run.par.device):
+        logits = run.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    run.step.backward(logits.float().sum(dim=(1, 2)) * 0.0, torch.zeros(1, dtype=torch.long, device=run.par.device))
+
+
 def setup(config: TrainConfig) -> Run:
     """Validate, read and encode the data, load the model, plan σ, and build every part of the run."""
     paths, config, seed = _open_run(config) if config.resume else (None, config, config.unsafe_seed)
     config.validate()
-    par = Parallel.from_env(config.device)  # torchrun's rank and process group, if any; else one process
+    par = Parallel.from_env(config.device, config.fsdp)  # torchrun's rank and group, if any; else one process
     dtype = resolve_dtype(config.dtype, par.device)
     config = replace(config, dtype=dtype_name(dtype))  # config.yaml records what runs; a resume runs the same
     torch.manual_seed(config.seed)  # the adapters' initialisation: public, never the DP randomness
@@ -187,7 +200,8 @@ def setup(config: TrainConfig) -> Run:
         paths = _create_run(config, seed, budget, planned_segments) if par.is_main else RunPaths(Path(config.output))
     journal = par.journal(PrivacyJournal(paths.journal, mechanism.segment))  # rank 0 writes, all wait for it
     budget_spec = Budget(config.delta, config.accountant, None if config.no_dp else config.epsilon)
-    step = PrivacyStep(model, mechanism, budget_spec, randomness, journal, reducer=par.reducer())
+    model = par.prepare(model)  # every rank from rank 0's weights; --fsdp: then sharded
+    step = PrivacyStep(model, mechanism, budget_spec, randomness, journal, reducer=par.reducer(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     step.attach(optimizer)
@@ -207,8 +221,7 @@ def setup(config: TrainConfig) -> Run:
     run.par = par
     run.prefix = _prefix_cache(run)
     if config.resume:
-        _restore(run)
-    par.sync_parameters(model)  # every rank starts from rank 0's weights
+        _restore(run)  # every rank reads the same checkpoint
     return run
 
 
@@ -233,7 +246,7 @@ def _prefix_cache(run: Run) -> PrefixCache | None:
     does not apply: no frozen block, dropout below the boundary, an unsupported architecture, or
     states that would not fit in PREFIX_CACHE_BYTES.
     """
-    if run.config.full or run.config.lora_layers is None:
+    if run.config.full or run.config.lora_layers is None or run.par.fsdp:  # FSDP: the root runs every forward
         return None
     try:
         hidden = run.model.get_input_embeddings().embedding_dim
@@ -268,7 +281,7 @@ def _open_run(config: TrainConfig) -> tuple[RunPaths, TrainConfig, int | None]:
         raise DpftError(f"--resume {config.resume}: not a dpft run directory (no config.yaml or private/state.json)")
     if paths.privacy.is_file():
         raise DpftError(f"--resume {config.resume}: this run already finished (privacy.json exists)")
-    invocation = {k: getattr(config, k) for k in ("resume", "quiet", "device", "nproc_per_node")}
+    invocation = {k: getattr(config, k) for k in ("resume", "quiet", "device", "nproc_per_node", "fsdp")}
     saved = replace(TrainConfig.load(paths.config), **invocation)
     state = json.loads(paths.state.read_text())
     if state.get("settings") != settings_hash(saved):
@@ -299,9 +312,12 @@ def settings_hash(c: TrainConfig) -> str:
 
 
 def _checkpoint(run: Run) -> None:
-    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    """One-process format whatever the parallelism (--fsdp: gathered on every rank, written by rank 0)."""
+    weights, optimizer = run.par.full_state(run.model, run.optimizer)
+    if not run.par.is_main:
+        return
     state = {"step": run.steps_done, "batch_sizes": run.batch_sizes, "config_hash": settings_hash(run.config)}
-    ckpt.save_checkpoint(run.paths.checkpoints, run.steps_done, trainable, run.optimizer.state_dict(), state)
+    ckpt.save_checkpoint(run.paths.checkpoints, run.steps_done, weights, optimizer, state)
 
 
 def _restore(run: Run) -> None:
@@ -320,19 +336,16 @@ def _restore(run: Run) -> None:
     params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         raise DpftError(f"{paths.checkpoints}: checkpoint weights do not match the model; refusing to resume")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    run.optimizer.load_state_dict(opt_state)
+    run.par.load_state(run.model, run.optimizer, weights, opt_state)
     run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
     if run.par.is_main:
         truncate_rows(paths.metrics, run.steps_done)
         truncate_rows(paths.train_log, run.steps_done)
 
 
-def _finish(run: Run, stop_reason: str) -> dict[str, Any]:
+def _finish(run: Run, stop_reason: str, model_state: dict | None) -> dict[str, Any]:
     c = run.config
-    save_model(run.paths, run.model, run.tokenizer, "full" if c.full else "lora", c.model)
+    save_model(run.paths, run.model, run.tokenizer, "full" if c.full else "lora", c.model, model_state)
     report = privacy_report(run, stop_reason)
     write_json(run.paths.data_stats, data_report(run))
     write_model_card(run.paths, report, c.model)

@@ -53,14 +53,19 @@ def truncate_rows(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(r + "\n" for r in rows))
 
 
-def save_model(paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, base_model: str) -> None:
+def save_model(
+    paths: RunPaths, model: torch.nn.Module, tokenizer, kind: str, base_model: str, state_dict: dict | None = None
+) -> None:
     """Save the adapter (LoRA) or the full weights, the tokenizer, and what they are.
+
+    `state_dict`: the full weights of a sharded (--fsdp) model, gathered; None: the model's own.
 
     The embedded base model is recorded by its public hub id (in `adapter_config.json` and
     `dpft-model.json`), never by its cache path on this machine: the folder is portable, and
     `load_run_model` resolves that id to the embedded copy offline.
     """
-    model.save_pretrained(paths.model, safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(paths.model, safe_serialization=True, **extra)
     tokenizer.save_pretrained(paths.model)
     base = public_base_model(base_model)
     adapter_config = paths.model / "adapter_config.json"

@@ -95,7 +95,8 @@ def _attach(module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batc
                     "for it (dpft.privacy.layers.register_rule)"
                 ]
             )
-        return _CaptureGeneric.apply(args[0], original, on_backward, *params.values())
+        current = [module._parameters[n] for n in params]  # FSDP2: the all-gathered weights, not the shards
+        return _CaptureGeneric.apply(args[0], original, on_backward, *current)
 
     return forward
 

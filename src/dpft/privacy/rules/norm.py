@@ -72,7 +72,10 @@ def _attach(module: nn.Module, params: dict[str, nn.Parameter], sink: Sink, batc
                 [f"{name}: only norm layers called with one (batch, ..., features) tensor can be clipped per example"]
             )
         x = args[0]
-        copies = {n: _PerExample.apply(p, _expanded_shape(p, x), tap(n)) for n, p in params.items()}
+        # The module's current weights, not those seen at attach: FSDP2 swaps the all-gathered
+        # ones in for the forward (`params` then holds the shards, kept only for their names).
+        current = {n: module._parameters[n] for n in params}
+        copies = {n: _PerExample.apply(p, _expanded_shape(p, x), tap(n)) for n, p in current.items()}
         replaying = True
         try:
             y = _functional(module, x, copies)
