@@ -61,15 +61,23 @@ def run_privacy(run: str | None) -> dict | None:
 
 
 def evaluate(
-    data: str, run: str | None = None, model: str | None = None, batch_size: int = 16, dtype: str = "auto"
+    data: str,
+    run: str | None = None,
+    model: str | None = None,
+    fields: tuple[str, ...] = (),
+    batch_size: int = 16,
+    dtype: str = "auto",
 ) -> dict:
-    """Task utility of a model on held-out prompt/completion records; `dtype` names the compute dtype that ran."""
+    """Task utility of a model on held-out records (`audit.utility`); `dtype` names the compute dtype that ran."""
+    from dpft.audit.secret_extraction import SecretSpec
     from dpft.audit.utility import evaluate_utility
 
+    SecretSpec(tuple(fields)).finders("--field")  # a bad --field stops before the model loads
     compute = _compute_dtype(dtype)
+    records = read_dicts(data)
     target = load_target(run, model)
     with autocast(compute):
-        result = evaluate_utility(target.model, target.tokenizer, read_dicts(data), batch_size=batch_size)
+        result = evaluate_utility(target.model, target.tokenizer, records, fields=fields, batch_size=batch_size)
     return result | {"dtype": dtype_name(compute)}
 
 

@@ -41,8 +41,11 @@ class SecretSpec:
     fields: tuple[str, ...] = ()
     pattern: str | None = None
 
-    def finders(self) -> dict[str, re.Pattern]:
+    def finders(self, field_flag: str = "--secret-field") -> dict[str, re.Pattern]:
         """One compiled finder per secret name; group 1 (or the whole match) is the secret.
+
+        Args:
+            field_flag: the option that named the fields, for error messages.
 
         Raises:
             ConfigError: a field name that is not a plain key, or an invalid regular expression.
@@ -50,7 +53,7 @@ class SecretSpec:
         problems, out = [], {}
         for name in self.fields:
             if not re.fullmatch(r"[\w.\- ]+", name):
-                problems.append(f"--secret-field {name!r}: a field name is letters, digits, '_', '-', '.' or spaces")
+                problems.append(f"{field_flag} {name!r}: a field name is letters, digits, '_', '-', '.' or spaces")
                 continue
             key = re.escape(name)
             value = r'"((?:[^"\\]|\\.)*)"|([^\s,;}\]"]+)'

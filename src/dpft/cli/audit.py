@@ -3,34 +3,46 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 
 from dpft.cli.errors import handles_errors
 from dpft.models.precision import DTYPE_HELP
 
+FIELD_SYNTAX = 'key: "value", or JSON "key": value'
+FieldOption = Annotated[
+    list[str] | None,
+    typer.Option("--field", help=f"A field of the answers scored alone ({FIELD_SYNTAX}); repeatable."),
+]
+
 
 def evaluate(
     run: str | None = typer.Option(None, "--run", help="dpft run directory."),
     model: str | None = typer.Option(None, "--model", help="Or any model id/path."),
-    data: str = typer.Option(..., "--data", help="Held-out prompt/completion records."),
+    data: str = typer.Option(..., "--data", help="Held-out records (prompt/completion, text or chat)."),
+    field: FieldOption = None,
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Task utility on held-out records: per-field and full exact match, valid format, loss."""
+    """Task utility on held-out records: loss, perplexity, exact match of answers (whole and per --field)."""
     from dpft.audit.api import evaluate as run_evaluate
 
-    result = run_evaluate(data, run=run, model=model, batch_size=batch_size, dtype=dtype)
+    result = run_evaluate(data, run=run, model=model, fields=tuple(field or ()), batch_size=batch_size, dtype=dtype)
     if json_out:
         print(json.dumps(result))
         return
-    em = result["exact_match"]
+    matches = ", ".join(f"{k} {_pct(v)}" for k, v in result["exact_match"].items())
+    valid = f"  valid format {_pct(result['valid_format'])}" if result["fields"] else ""
     print(
-        f"records {result['records']}  exact match: full {em['full']:.1%}, last_name {em['last_name']:.1%}, "
-        f"condition {em['condition']:.1%}  valid format {result['valid_format']:.1%}  "
-        f"loss {result['loss']:.3f}  perplexity {result['perplexity']:.2f}  ({result['dtype']})"
+        f"records {result['records']}  loss {result['loss']:.3f}  perplexity {result['perplexity']:.2f}  "
+        f"exact match ({result['answers']} answers): {matches}{valid}  ({result['dtype']})"
     )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def audit(
