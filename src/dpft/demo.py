@@ -103,8 +103,8 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     from dpft.audit import write_report
     from dpft.audit.scoring import ReferenceScores
     from dpft.cli.summary import print_summary
-    from dpft.data import synth_medical
     from dpft.models import load_base_model
+    from dpft.scenarios.medical.synth import synth_medical
     from dpft.training.recipe import train
 
     out = Path(o.output)

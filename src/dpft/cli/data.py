@@ -31,7 +31,7 @@ def synth_medical_cmd(
     ),
 ) -> None:
     """The seed's task: medical records → {last_name, condition}; split by patient; canaries."""
-    from dpft.data import synth_medical
+    from dpft.scenarios.medical.synth import synth_medical
 
     counts = _int_list(records_per_patient, "--records-per-patient")
     manifest = synth_medical(
