@@ -1,5 +1,8 @@
 """The generic audit end to end on non-medical data: a plain tiny fine-tune that memorised its
-records gives its planted secrets away; a DP one does not."""
+records gives its planted secrets away; a DP one does not.
+
+The plain model takes 150 full-batch steps to learn its records by heart (~10 s on a quiet 2-core CPU).
+"""
 
 from __future__ import annotations
 
@@ -64,11 +67,13 @@ def dataset(tmp, shape) -> tuple[str, str, str]:
 
 
 def train(data: str, out, model: str, dp: bool) -> str:
-    common = dict(model=model, full=True, max_length=96, micro_batch_size=16, lr=1e-2, quiet=True, checkpoint_every=0)
+    common = dict(model=model, full=True, max_length=96, micro_batch_size=32, lr=1e-2, dtype="fp32", quiet=True)
+    common["checkpoint_every"] = 0
     if dp:
         dpft.train(data, str(out), epsilon=1.0, delta=1e-3, batch_size=4, max_steps=8, **common)
     else:  # q = 1 and many steps on few records: it learns them by heart
-        dpft.train(data, str(out), no_dp=True, epsilon=None, batch_size=16, max_steps=100, **common)
+        rows = len(Path(data).read_text().splitlines())
+        dpft.train(data, str(out), no_dp=True, epsilon=None, batch_size=rows, max_steps=150, **common)
     return str(out)
 
 

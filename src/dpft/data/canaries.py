@@ -114,7 +114,9 @@ def _draw(rng: random.Random, kind: str, with_users: bool, repetitions, per_repe
     while len(names) < len(plan):
         names.add(" ".join(_word(rng).capitalize() for _ in range(2)))
     out = []
-    for i, ((kind_of, count), value, name) in enumerate(zip(plan, values, rng.sample(sorted(names), len(plan)), strict=True)):
+    for i, ((kind_of, count), value, name) in enumerate(
+        zip(plan, values, rng.sample(sorted(names), len(plan)), strict=True)
+    ):
         secret = f"{value:0{SECRET_LENGTH}d}"
         prefix, record = _shape(kind, name, secret)
         canary_id = f"{kind_of}-{i:04d}"

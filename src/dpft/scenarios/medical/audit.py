@@ -74,6 +74,7 @@ def medical_audit(
     max_records: int | None = None,
     seed: int = 0,
     n_boot: int = 200,
+    rank_conditions: bool = True,
 ) -> dict:
     """The scenario's sections of audit.json: targeted extraction and Dupont's completion.
 
@@ -88,6 +89,8 @@ def medical_audit(
         max_records: cap on member and on non-member patients (Dupont always kept).
         seed: seed of subsampling and bootstraps.
         n_boot: bootstrap resamples.
+        rank_conditions: also rank each true condition among all by likelihood (about as costly
+            as the extraction's generation).
 
     Returns:
         {"member_patients", "non_member_patients", "extraction": {...}, "dupont_completion"}.
@@ -115,6 +118,7 @@ def medical_audit(
         max_new_tokens=max_new_tokens,
         seed=seed,
         n_boot=n_boot,
+        rank_conditions=rank_conditions,
     )
     dupont = extraction.pop("dupont_completion")
     return {
@@ -172,6 +176,7 @@ def extraction_attack(
     max_new_tokens: int = 24,
     seed: int = 0,
     n_boot: int = 200,
+    rank_conditions: bool = True,
 ) -> dict:
     """Name-prefix extraction rates, their advantage over non-members, and condition ranks.
 
@@ -185,11 +190,13 @@ def extraction_attack(
         max_new_tokens: tokens generated per prompt.
         seed: bootstrap seed.
         n_boot: bootstrap resamples.
+        rank_conditions: also rank each true condition among all by likelihood (one scoring pass
+            per patient over every condition: about as costly as the generation).
 
     Returns:
         {"member_rate", "non_member_rate", "advantage", "advantage_ci", "by_repetition",
-        "rank": {...}, "members", "non_members", "dupont_completion"}; dupont_completion is the
-        generated continuation for François Dupont (None when he is not a member).
+        "rank": {...} or None, "members", "non_members", "dupont_completion"}; dupont_completion
+        is the generated continuation for François Dupont (None when he is not a member).
     """
     people = [*members, *non_members]
     prompts = [encode_opening(tokenizer, name_prefix(p["first"], p["last"])) for p in people]
@@ -200,8 +207,6 @@ def extraction_attack(
     for reps in sorted({p["records"] for p in members}):
         sel = [i for i, p in enumerate(members) if p["records"] == reps]
         by_rep[str(reps)] = {"patients": len(sel), "rate": float(mem[sel].mean())}
-    ranks = condition_ranks(model, tokenizer, people, conditions, batch_size)
-    r_mem, r_non = ranks[: len(members)], ranks[len(members) :]
     dupont = next((t for p, t in zip(members, texts, strict=False) if (p["first"], p["last"]) == DUPONT), None)
     return {
         "members": len(members),
@@ -213,15 +218,23 @@ def extraction_attack(
         if len(mem) and len(non)
         else None,
         "by_repetition": by_rep,
-        "rank": {
-            "template": NEUTRAL_TEMPLATE.strip(),
-            "num_conditions": len(set(conditions)),
-            "member_mean_rank": _mean(r_mem),
-            "non_member_mean_rank": _mean(r_non),
-            "member_top1": _mean(r_mem == 1),
-            "non_member_top1": _mean(r_non == 1),
-        },
+        "rank": _rank_summary(model, tokenizer, people, len(members), conditions, batch_size)
+        if rank_conditions
+        else None,
         "dupont_completion": dupont,
+    }
+
+
+def _rank_summary(model, tokenizer, people: list[dict], n_members: int, conditions, batch_size: int) -> dict:
+    ranks = condition_ranks(model, tokenizer, people, conditions, batch_size)
+    r_mem, r_non = ranks[:n_members], ranks[n_members:]
+    return {
+        "template": NEUTRAL_TEMPLATE.strip(),
+        "num_conditions": len(set(conditions)),
+        "member_mean_rank": _mean(r_mem),
+        "non_member_mean_rank": _mean(r_non),
+        "member_top1": _mean(r_mem == 1),
+        "non_member_top1": _mean(r_non == 1),
     }
 
 

@@ -10,6 +10,7 @@ SECTION_IDS = ("extraction", "generations")
 
 def extraction_section(models: dict) -> str:
     reps = sorted({int(k) for m in models.values() for k in (_extraction(m).get("by_repetition") or {})})
+    ranked = any(_extraction(m).get("rank") for m in models.values())
     header = [
         "model",
         "members",
@@ -17,8 +18,7 @@ def extraction_section(models: dict) -> str:
         "advantage",
         "95% CI",
         *[f"{r} record(s)" for r in reps],
-        "mean rank (m / non-m)",
-        "top-1 (m / non-m)",
+        *(["mean rank (m / non-m)", "top-1 (m / non-m)"] if ranked else []),
     ]
     rows = []
     for name, m in models.items():
@@ -32,8 +32,14 @@ def extraction_section(models: dict) -> str:
                 x.get("advantage"),
                 x.get("advantage_ci"),
                 *[get(by, str(r), "rate") for r in reps],
-                pair(rank, "member_mean_rank", "non_member_mean_rank"),
-                pair(rank, "member_top1", "non_member_top1"),
+                *(
+                    [
+                        pair(rank, "member_mean_rank", "non_member_mean_rank"),
+                        pair(rank, "member_top1", "non_member_top1"),
+                    ]
+                    if ranked
+                    else []
+                ),
             ]
         )
     note = (
