@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpft.data import collate, encode_records, read_records
-from dpft.data.synth_medical import synth_medical
 from dpft.demo import DemoOptions
 from dpft.models.prefix_cache import PrefixCache, frozen_boundary
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
 from dpft.privacy.noise import add_gaussian_noise
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, micro_batches, sample_rate_for
+from dpft.scenarios.medical.synth import synth_medical
 from dpft.training.loss import example_losses
 
 VARIANTS = ["full-legacy", "full", "cached", "cached-packed"]

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpft.data.synth_medical import synth_medical
 from dpft.demo import MICRO_BATCH, DemoOptions, demo_config
 from dpft.models.precision import describe_hardware
+from dpft.scenarios.medical.synth import synth_medical
 from dpft.training.recipe import Run, _train_step, setup
 
 VARIANTS = ("plain", "dp", "plain-full", "dp-full")

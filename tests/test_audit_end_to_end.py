@@ -16,6 +16,7 @@ from dpft.audit.exposure import canary_exposures
 from dpft.audit.scoring import ReferenceScores, encode_record, greedy_generate, token_logprobs
 from dpft.data.encode import encode_opening
 from dpft.errors import DpftError
+from dpft.scenarios.medical import UTILITY_FIELDS, medical_audit
 from helpers import tiny_llama
 
 CONDITIONS = ["gout", "asthma", "flu", "acne"]
@@ -121,11 +122,11 @@ def test_small_secret_space_uses_exact_rank(tok):
 
 
 def test_utility_of_a_model_that_memorised_its_record(tok, memorised):
-    out = evaluate_utility(memorised, tok, [RECORD], max_new_tokens=48)
+    out = evaluate_utility(memorised, tok, [RECORD], fields=UTILITY_FIELDS, max_new_tokens=48)
     assert out["exact_match"] == {"last_name": 1.0, "condition": 1.0, "full": 1.0}
-    assert out["valid_format"] == 1.0
+    assert out["valid_format"] == 1.0 and out["fields"] == ["last_name", "condition"]
     assert out["loss"] < 0.1 and out["perplexity"] == pytest.approx(math.exp(out["loss"]))
-    untrained = evaluate_utility(tiny_llama(), tok, [RECORD], max_new_tokens=8)
+    untrained = evaluate_utility(tiny_llama(), tok, [RECORD], fields=UTILITY_FIELDS, max_new_tokens=8)
     assert untrained["valid_format"] == 0.0 and untrained["loss"] > 3
 
 
@@ -152,13 +153,13 @@ def audit_inputs() -> tuple[list[dict], list[dict], list[dict]]:
 
 def test_run_audit_keys_and_ranges(tok):
     members, non_members, canaries = audit_inputs()
+    model = tiny_llama()
     out = run_audit(
-        tiny_llama(),
+        model,
         tok,
         members,
         non_members,
         canaries,
-        CONDITIONS,
         reference_model=tiny_llama(seed=1),
         batch_size=4,
         max_new_tokens=8,
@@ -167,9 +168,11 @@ def test_run_audit_keys_and_ranges(tok):
         theoretical_epsilon=8.0,
         delta=1e-5,
     )
-    json.dumps(out, allow_nan=False)
-    assert out["settings"]["members_scored"] == 7 and out["settings"]["non_member_patients"] == 4
-    ext = out["extraction"]
+    medical = medical_audit(model, tok, members, non_members, CONDITIONS, batch_size=4, max_new_tokens=8, n_boot=20)
+    json.dumps(out | {"medical": medical}, allow_nan=False)
+    assert out["settings"]["members_scored"] == 8 and medical["non_member_patients"] == 4
+    assert out["verbatim"]["members"] == 8 and 0 <= out["verbatim"]["lcs"]["member"] <= 1 and out["secrets"] is None
+    ext = medical["extraction"]
     assert ext["members"] == 5 and set(ext["by_repetition"]) == {"1", "3"}
     assert 0 <= ext["member_rate"] <= 1 and -1 <= ext["advantage"] <= 1
     assert 1 <= ext["rank"]["member_mean_rank"] <= 4
@@ -178,7 +181,7 @@ def test_run_audit_keys_and_ranges(tok):
     assert set(out["exposure"]["by_repetition"]) == {"0", "2"}
     assert all(0 <= c["exposure"] <= math.log2(1e6) for c in out["exposure"]["per_canary"])
     assert out["one_run"]["m"] == 8 and out["one_run"]["epsilon_lower_bound"] >= 0
-    assert out["theoretical_epsilon"] == 8.0 and isinstance(out["dupont_completion"], str)
+    assert out["theoretical_epsilon"] == 8.0 and isinstance(medical["dupont_completion"], str)
 
 
 def test_shared_reference_scores_run_the_base_once_and_change_nothing(tok):
@@ -188,33 +191,37 @@ def test_shared_reference_scores_run_the_base_once_and_change_nothing(tok):
     calls = []
     base.register_forward_hook(lambda *_: calls.append(1))
     shared = ReferenceScores(base)
-    kwargs = dict(batch_size=4, max_new_tokens=8, num_candidates=50, n_boot=20, delta=1e-5, rank_conditions=False)
+    kwargs = dict(batch_size=4, max_new_tokens=8, num_candidates=50, n_boot=20, delta=1e-5)
     audits = []
     for seed in (2, 3):  # two different audited models
         model = tiny_llama(seed=seed)
-        plain = run_audit(model, tok, members, non_members, canaries, CONDITIONS, reference_model=base, **kwargs)
+        plain = run_audit(model, tok, members, non_members, canaries, reference_model=base, **kwargs)
         before = len(calls)
-        cached = run_audit(model, tok, members, non_members, canaries, CONDITIONS, reference_model=shared, **kwargs)
+        cached = run_audit(model, tok, members, non_members, canaries, reference_model=shared, **kwargs)
         audits.append(len(calls) - before)
         assert cached == plain
     assert audits[0] > 0 and audits[1] == 0
-    assert cached["extraction"]["rank"] is None
+    medical = medical_audit(model, tok, members, non_members, CONDITIONS, max_new_tokens=4, rank_conditions=False)
+    assert medical["extraction"]["rank"] is None
 
 
 def test_run_audit_refuses_without_non_members(tok):
     with pytest.raises(DpftError):
-        run_audit(tiny_llama(), tok, [record("A", "B", "flu", "p")], [], None, None)
+        run_audit(tiny_llama(), tok, [record("A", "B", "flu", "p")], [], None)
+    with pytest.raises(DpftError, match="medical"):
+        medical_audit(tiny_llama(), tok, [record("A", "B", "flu", "p")], [{"text": "not medical"}])
 
 
 def test_max_records_caps_scoring_but_keeps_dupont(tok):
     members = [record("François", "Dupont", "acne", "p0")]
     members += [record("Al", f"N{i}", "flu", f"p{i + 1}") for i in range(5)]
     non_members = [record("Bo", f"H{i}", "gout", f"h{i}") for i in range(5)]
-    out = run_audit(tiny_llama(), tok, members, non_members, None, None, max_records=2, max_new_tokens=4, n_boot=10)
-    assert out["settings"]["members_scored"] == 2 and out["settings"]["member_patients"] == 2
-    assert out["extraction"]["non_members"] == 2 and out["dupont_completion"] is not None
+    out = run_audit(tiny_llama(), tok, members, non_members, None, max_records=2, max_new_tokens=4, n_boot=10)
+    assert out["settings"]["members_scored"] == 2 and out["verbatim"]["non_members"] == 2
     assert out["exposure"] is None and out["one_run"] is None
-    assert out["extraction"]["rank"]["num_conditions"] == 3
+    medical = medical_audit(tiny_llama(), tok, members, non_members, max_records=2, max_new_tokens=4, n_boot=10)
+    assert medical["member_patients"] == 2 and medical["extraction"]["non_members"] == 2
+    assert medical["dupont_completion"] is not None and medical["extraction"]["rank"]["num_conditions"] == 3
 
 
 def test_shared_head_scoring_equals_full_sequences():

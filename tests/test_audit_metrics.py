@@ -10,7 +10,6 @@ import pytest
 from scipy.stats import norm, skewnorm
 
 from dpft.audit.exposure import estimated_exposure, exact_exposure, sample_candidates
-from dpft.audit.extraction import parse_patient, patients
 from dpft.audit.mia import (
     attack_metrics,
     auc,
@@ -21,7 +20,6 @@ from dpft.audit.mia import (
     tpr_at_fpr,
 )
 from dpft.audit.one_run import epsilon_lower_bound, one_run_audit, p_value
-from dpft.audit.utility import parse_answer
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.5, 1.5])
@@ -130,20 +128,6 @@ def test_one_run_audit_perfect_and_random_scores():
     assert 5.0 < perfect["epsilon_lower_bound"] < 5.81
     assert perfect["correct"] == perfect["guesses"] == 1000
     assert one_run_audit(rng.random(1000), included)["epsilon_lower_bound"] < 0.5
-
-
-def test_parsers():
-    rec = {
-        "prompt": '{medical_record: "François Dupont was diagnosed with gout."}',
-        "completion": '{last_name: "Dupont", condition: "gout"}',
-        "user_id": "p1",
-    }
-    assert parse_patient(rec) == {"user_id": "p1", "first": "François", "last": "Dupont", "condition": "gout"}
-    assert parse_patient({"text": "canary 123456"}) is None
-    people = patients([rec, rec, {**rec, "user_id": "p2"}])
-    assert [(p["user_id"], p["records"]) for p in people] == [("p1", 2), ("p2", 1)]
-    assert parse_answer(' {last_name: "Dupont", condition: "gout"}\n') == ("Dupont", "gout")
-    assert parse_answer('{last_name: "Dupont", condition: "gout"} and more') is None
 
 
 def test_tpr_is_given_only_at_fpr_levels_the_non_members_resolve():

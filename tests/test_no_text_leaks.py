@@ -4,8 +4,9 @@ Records carry unique marker strings in their prompts, completions and user ids (
 identifiers, often emails: treated as text, they must not be written either). A DP run and a
 --no-dp run are trained, evaluated and audited through the CLI; then every byte the CLI printed
 and every file it wrote (run directories, checkpoints, journal, ledger, audit.json, report.html)
-is searched for the markers. The only place generated text may appear is the audit's explicit
-`dupont_completion` section, empty here (no François Dupont in the data).
+is searched for the markers. The only place generated text may appear is the medical scenario's
+explicit `dupont_completion`, absent here (no synth-medical manifest). The audit names the
+condition as secret: its extraction and ranks must report rates, never the values.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def test_no_marker_outside_explicit_generation(world):
     invoke(["evaluate", "--run", str(out / "dp"), "--data", held, "--batch-size", "8"], said)
     invoke(["evaluate", "--model", model, "--data", held, "--json"], said)
     audit = ["--members", train, "--non-members", held, "--max-records", "6", "--batch-size", "8"]
+    audit += ["--secret-field", "condition", "--n-boot", "20"]
     invoke(["audit", "--run", str(out / "nodp"), *audit, "--output", str(out / "audit-run")], said)
     invoke(["audit", "--model", model, *audit, "--output", str(out / "audit-model"), "--json"], said)
     invoke(["ledger", "show", "--data", train, "--delta", "1e-3", "--json"], said)
@@ -87,7 +89,7 @@ def test_no_marker_outside_explicit_generation(world):
         assert (out / run / "privacy.json").is_file() and (out / run / "model" / "README.md").is_file()
     for folder in ("audit-run", "audit-model"):
         result = json.loads((out / folder / "audit.json").read_text())
-        assert result.get("dupont_completion") is None  # the one explicit generation section: empty here
+        assert "medical" not in result and result["secrets"]["condition"]["members"] == 6
         assert (out / folder / "report.html").is_file()
     assert (out / "ledger.sqlite").is_file()
     # Breaks if any artifact or log line carries record text: e.g. a data summary quoting a record,

@@ -15,6 +15,8 @@ from matplotlib.image import imread
 from dpft.audit import write_report
 from dpft.audit.mia import attack_metrics
 from dpft.audit.report import SECTION_IDS
+from dpft.scenarios.medical.report import REPORT_SECTIONS
+from dpft.scenarios.medical.report import SECTION_IDS as MEDICAL_SECTION_IDS
 
 EVIL = "<script>alert('x')</script>"
 
@@ -24,13 +26,35 @@ def audit_fixture(shift: float, eps_lb: float, completion: str, theoretical) -> 
     mia = {s: attack_metrics(rng.normal(shift, 1, 100), rng.normal(0, 1, 100), n_boot=20) for s in ("loss", "min_k")}
     return {
         "settings": {"members_scored": 100, "non_members_scored": 100, "seed": 0},
-        "extraction": {
-            "member_rate": 0.8,
-            "non_member_rate": 0.06,
-            "advantage": 0.74,
-            "advantage_ci": [0.6, 0.85],
-            "by_repetition": {"1": {"patients": 10, "rate": 0.5}, "8": {"patients": 3, "rate": 1.0}},
-            "rank": {"member_mean_rank": 1.5, "non_member_mean_rank": 7.0, "member_top1": 0.7, "non_member_top1": 0.1},
+        "verbatim": {
+            "members": 100,
+            "non_members": 100,
+            **{
+                m: {"member": 0.5, "non_member": 0.1, "advantage": 0.4, "advantage_ci": [0.3, 0.5]}
+                for m in ("exact", "lcs", "token_overlap")
+            },
+        },
+        "secrets": {
+            "account": {
+                "extraction": {"member": 0.9, "non_member": 0.0, "advantage": 0.9, "advantage_ci": [0.8, 1.0]},
+                "rank": {"member_top1": 0.9, "non_member_top1": 0.1, "top1_advantage_ci": [0.7, 0.9], "candidates": 99},
+            }
+        },
+        "medical": {
+            "dupont_completion": completion,
+            "extraction": {
+                "member_rate": 0.8,
+                "non_member_rate": 0.06,
+                "advantage": 0.74,
+                "advantage_ci": [0.6, 0.85],
+                "by_repetition": {"1": {"patients": 10, "rate": 0.5}, "8": {"patients": 3, "rate": 1.0}},
+                "rank": {
+                    "member_mean_rank": 1.5,
+                    "non_member_mean_rank": 7.0,
+                    "member_top1": 0.7,
+                    "non_member_top1": 0.1,
+                },
+            },
         },
         "mia": mia,
         "exposure": {
@@ -49,7 +73,6 @@ def audit_fixture(shift: float, eps_lb: float, completion: str, theoretical) -> 
         },
         "theoretical_epsilon": theoretical,
         "delta": 1e-5,
-        "dupont_completion": completion,
     }
 
 
@@ -62,6 +85,7 @@ def model_fixture(shift, eps_lb, completion, theoretical) -> dict:
         "audit": audit_fixture(shift, eps_lb, completion, theoretical),
         "utility": {
             "records": 40,
+            "fields": ["last_name", "condition"],
             "exact_match": {"last_name": 0.9, "condition": 0.9, "full": 0.88},
             "valid_format": 1.0,
             "loss": 0.3,
@@ -83,6 +107,7 @@ def report(tmp_path):
                 "dp": model_fixture(0.0, 0.0, EVIL, 8.0),
             }
         },
+        extra=REPORT_SECTIONS,
     )
     return path
 
@@ -90,7 +115,7 @@ def report(tmp_path):
 def test_report_is_self_contained_with_every_section(report):
     page = report.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.count("<html") == 1
-    for sid in SECTION_IDS:
+    for sid in SECTION_IDS + MEDICAL_SECTION_IDS:
         assert f"id='{sid}'" in page
     # Nothing fetched from elsewhere: every src is inline data.
     srcs = re.findall(r"src='([^']*)'", page)
@@ -117,6 +142,7 @@ def test_report_for_a_single_model_with_missing_parts(tmp_path):
     write_report(path, {"title": "one model", "models": {"m": {"audit": {"mia": None}}}})
     page = path.read_text(encoding="utf-8")
     assert all(f"id='{sid}'" in page for sid in SECTION_IDS) and "n/a" in page
+    assert not any(f"id='{sid}'" in page for sid in MEDICAL_SECTION_IDS)  # a scenario's sections only when asked
 
 
 @pytest.mark.slow
@@ -131,16 +157,20 @@ def test_report_renders_in_headless_chromium(report):
         timeout=60,
         check=True,
     ).stdout
-    for sid in SECTION_IDS:
+    for sid in SECTION_IDS + MEDICAL_SECTION_IDS:
         assert re.search(rf"<section id=\"{sid}\"", dom), sid
     # training curves, exposure, ROC curves: every image of the page is in the rendered DOM
     assert dom.count("<img") == report.read_text(encoding="utf-8").count("<img") >= 3
 
 
+def extraction_section(page: str) -> str:
+    return page.split("id='extraction'", 1)[1].split("</section>", 1)[0]
+
+
 def test_rank_columns_only_when_some_model_was_ranked(report, tmp_path):
-    assert "mean rank (m / non-m)" in report.read_text(encoding="utf-8")
+    assert "mean rank (m / non-m)" in extraction_section(report.read_text(encoding="utf-8"))
     audit = audit_fixture(1.0, 0.5, "x", 8.0)
-    audit["extraction"]["rank"] = None  # the demo skips the ranking
+    audit["medical"]["extraction"]["rank"] = None  # the demo skips the ranking
     path = tmp_path / "unranked.html"
-    write_report(path, {"title": "t", "models": {"dp": {"audit": audit}}})
-    assert "mean rank" not in path.read_text(encoding="utf-8")
+    write_report(path, {"title": "t", "models": {"dp": {"audit": audit}}}, extra=REPORT_SECTIONS)
+    assert "mean rank" not in extraction_section(path.read_text(encoding="utf-8"))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dpft.data.conditions import CONDITIONS, condition_frequencies
 from dpft.data.records import read_records
-from dpft.data.synth_medical import FILES, synth_medical
 from dpft.errors import ConfigError
+from dpft.scenarios.medical.conditions import CONDITIONS, condition_frequencies
+from dpft.scenarios.medical.synth import FILES, synth_medical
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "medical"
 SMALL = {"patients": 300, "canaries_per_repetition": 3, "one_run_canaries": 60}

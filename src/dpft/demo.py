@@ -103,8 +103,9 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     from dpft.audit import write_report
     from dpft.audit.scoring import ReferenceScores
     from dpft.cli.summary import print_summary
-    from dpft.data import synth_medical
     from dpft.models import load_base_model
+    from dpft.scenarios.medical import REPORT_SECTIONS
+    from dpft.scenarios.medical.synth import synth_medical
     from dpft.training.recipe import train
 
     out = Path(o.output)
@@ -147,6 +148,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
             "notes": _notes(o, dtype),
             "models": models,
         },
+        extra=REPORT_SECTIONS,
     )
     print_summary(models)
     np_match, dp_match = (models[n]["utility"]["exact_match"]["full"] for n in ("non-private", "dp"))
@@ -241,6 +243,7 @@ def _assess(
     """Utility on held-out records and the full audit; reused when the run was assessed already."""
     from dpft.audit import evaluate_utility, run_audit
     from dpft.models import load_run_model
+    from dpft.scenarios.medical import UTILITY_FIELDS, medical_audit
 
     done = run / "assessment.json"
     if done.is_file():
@@ -250,23 +253,33 @@ def _assess(
     with autocast(dtype):
         result = {
             "dtype": dtype_name(dtype),
-            "utility": evaluate_utility(trained.model, trained.tokenizer, _sample(holdout, o.utility_records, o.seed)),
+            "utility": evaluate_utility(
+                trained.model, trained.tokenizer, _sample(holdout, o.utility_records, o.seed), fields=UTILITY_FIELDS
+            ),
             "audit": run_audit(
                 trained.model,
                 trained.tokenizer,
                 members,
                 holdout,
                 canaries,
-                conditions,
                 reference,
                 max_records=o.audit_records,
                 num_candidates=o.exposure_candidates,
                 seed=o.seed,
                 theoretical_epsilon=privacy.get("epsilon"),
                 delta=privacy.get("delta"),
-                rank_conditions=False,  # as costly as the extraction itself; `dpft audit` ranks
             ),
         }
+        result["audit"]["medical"] = medical_audit(
+            trained.model,
+            trained.tokenizer,
+            members,
+            holdout,
+            conditions,
+            max_records=o.audit_records,
+            seed=o.seed,
+            rank_conditions=False,  # as costly as the extraction itself; `dpft audit` ranks
+        )
     done.write_text(json.dumps(result, indent=2))
     return result
 

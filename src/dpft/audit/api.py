@@ -61,15 +61,23 @@ def run_privacy(run: str | None) -> dict | None:
 
 
 def evaluate(
-    data: str, run: str | None = None, model: str | None = None, batch_size: int = 16, dtype: str = "auto"
+    data: str,
+    run: str | None = None,
+    model: str | None = None,
+    fields: tuple[str, ...] = (),
+    batch_size: int = 16,
+    dtype: str = "auto",
 ) -> dict:
-    """Task utility of a model on held-out prompt/completion records; `dtype` names the compute dtype that ran."""
+    """Task utility of a model on held-out records (`audit.utility`); `dtype` names the compute dtype that ran."""
+    from dpft.audit.secret_extraction import SecretSpec
     from dpft.audit.utility import evaluate_utility
 
+    SecretSpec(tuple(fields)).finders("--field")  # a bad --field stops before the model loads
     compute = _compute_dtype(dtype)
+    records = read_dicts(data)
     target = load_target(run, model)
     with autocast(compute):
-        result = evaluate_utility(target.model, target.tokenizer, read_dicts(data), batch_size=batch_size)
+        result = evaluate_utility(target.model, target.tokenizer, records, fields=fields, batch_size=batch_size)
     return result | {"dtype": dtype_name(compute)}
 
 
@@ -82,14 +90,21 @@ def audit(
     canaries: str | None = None,
     manifest: str | None = None,
     reference: str | None = None,
+    secret_fields: tuple[str, ...] = (),
+    secret_pattern: str | None = None,
     max_records: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    n_boot: int = 200,
     dtype: str = "auto",
 ) -> dict:
     """Audit a model against member and non-member files; writes audit.json and report.html in `output`.
 
     Args:
+        manifest: a data manifest; when it names a scenario (a synth-medical manifest names
+            "medical"), that scenario's sections are added under its name.
+        secret_fields: field names whose values are secret (`--secret-field`).
+        secret_pattern: a regular expression over the records' targets (`--secret-pattern`).
         dtype: compute dtype, auto (bf16 where the hardware does it natively, else fp32), fp32 or bf16.
 
     Returns:
@@ -97,28 +112,34 @@ def audit(
     """
     from dpft.audit.report import write_report
     from dpft.audit.runner import run_audit
+    from dpft.audit.secret_extraction import SecretSpec
     from dpft.models import load_base_model
+    from dpft.scenarios import read_manifest, scenario_of
 
+    spec = SecretSpec(tuple(secret_fields), secret_pattern)
+    spec.finders()  # a bad --secret-field or --secret-pattern stops before any model loads
+    data = read_dicts(members), read_dicts(non_members), read_canaries(canaries) if canaries else None
+    meta = read_manifest(manifest) if manifest else None
     compute = _compute_dtype(dtype)
     target = load_target(run, model)
     privacy = run_privacy(run)
     ref_name = reference or (_base_model_of(run) if run else None)
     ref = load_base_model(ref_name).model if ref_name else None
+    scenario = scenario_of(meta)
+    options = {"batch_size": batch_size, "max_records": max_records, "seed": seed, "n_boot": n_boot}
     with autocast(compute):
         result = run_audit(
             target.model,
             target.tokenizer,
-            read_dicts(members),
-            read_dicts(non_members),
-            read_canaries(canaries) if canaries else None,
-            _conditions(manifest),
+            *data,
             ref,
-            batch_size=batch_size,
-            max_records=max_records,
-            seed=seed,
+            secrets=spec,
             theoretical_epsilon=privacy.get("epsilon") if privacy else None,
             delta=privacy.get("delta") if privacy else None,
+            **options,
         ) | {"dtype": dtype_name(compute)}
+        if scenario is not None:
+            result[scenario.NAME] = scenario.audit(target.model, target.tokenizer, *data[:2], meta, **options)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(result, indent=2))
@@ -129,6 +150,7 @@ def audit(
             "title": f"dpft audit: {name}",
             "models": {name: {"audit": result, "privacy": privacy, "dtype": result["dtype"]}},
         },
+        extra=scenario.REPORT_SECTIONS if scenario else (),
     )
     return result
 
@@ -143,12 +165,3 @@ def _compute_dtype(requested: str) -> torch.dtype:
 def _base_model_of(run: str) -> str | None:
     meta = RunPaths(Path(run)).model_meta
     return json.loads(meta.read_text())["base_model"] if meta.is_file() else None
-
-
-def _conditions(manifest: str | None) -> list[str] | None:
-    if manifest is None:
-        return None
-    try:
-        return [c["name"] for c in json.loads(Path(manifest).read_text())["conditions"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(manifest, None, "conditions", "not a synth-medical manifest") from None

@@ -1,27 +1,33 @@
 """A self-contained HTML report comparing one or more audited models.
 
 No external assets: CSS is inline and plots are PNGs embedded as base64. Every value that
-comes from results is HTML-escaped. The only section with model text is `generations`.
+comes from results is HTML-escaped. The sections are generic (any data); a scenario adds its
+own (e.g. the medical scenario's targeted extraction and generations) through `extra`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-SECTION_IDS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon", "generations")
-_DUPONT_PREFIX = '{medical_record: "François Dupont'
+from dpft.audit.html import e as _e
+from dpft.audit.html import fmt as _fmt
+from dpft.audit.html import get as _get
+from dpft.audit.html import pair as _pair
+from dpft.audit.html import png as _png
+from dpft.audit.html import section as _section
+from dpft.audit.html import table as _table
+
+SECTION_IDS = ("summary", "training", "utility", "verbatim", "secrets", "exposure", "mia", "epsilon")
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em}
 th{background:#f3f3f3}pre{white-space:pre-wrap;background:#f7f7f7;padding:.6em}
 .gen{display:flex;gap:1em}.gen>div{flex:1}"""
 
 
-def write_report(path, sections: dict) -> None:
+def write_report(path, sections: dict, extra: Sequence[Callable[[dict], str]] = ()) -> None:
     """Write the HTML report.
 
     Args:
@@ -32,6 +38,8 @@ def write_report(path, sections: dict) -> None:
             (with "step" and "loss" and/or "epsilon"), "privacy": privacy.json content, "dtype": the
             compute dtype the model ran in, e.g. "fp32"}}};
             any part may be missing and its cells then read "n/a".
+        extra: scenario sections, each a function of the models returning HTML (built with
+            `dpft.audit.html`), placed after the generic sections.
 
     Returns:
         None; the file is written (parent folders created).
@@ -43,11 +51,12 @@ def write_report(path, sections: dict) -> None:
         _summary(models),
         _training(models),
         _utility(models),
-        _extraction(models),
+        _verbatim(models),
+        _secrets(models),
         _exposure(models),
         _mia(models),
         _epsilon(models),
-        _generations(models),
+        *(render(models) for render in extra),
     ]
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
@@ -56,46 +65,6 @@ def write_report(path, sections: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-
-
-def _e(x) -> str:
-    return html.escape(str(x))
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    if isinstance(x, list) and len(x) == 2:
-        return f"[{_fmt(x[0])}, {_fmt(x[1])}]"
-    return _e(x)
-
-
-def _get(d: dict | None, *keys):
-    """d[k1][k2]... or None when any level is missing."""
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return d
-
-
-def _section(sid: str, title: str, *parts: str) -> str:
-    return f"<section id='{sid}'><h2>{_e(title)}</h2>{''.join(parts)}</section>"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _png(fig: Figure, alt: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
 
 
 def _theoretical(m: dict):
@@ -110,7 +79,7 @@ def _summary(models: dict) -> str:
             _theoretical(m),
             _get(m, "audit", "one_run", "epsilon_lower_bound"),
             _get(m, "utility", "exact_match", "full"),
-            _get(m, "audit", "extraction", "advantage"),
+            _get(m, "audit", "verbatim", "exact", "advantage"),
             _get(m, "audit", "mia", "loss", "auc"),
             _get(m, "dtype"),
         ]
@@ -125,7 +94,7 @@ def _summary(models: dict) -> str:
                 "ε (guarantee)",
                 "ε lower bound (audit)",
                 "task exact match",
-                "extraction advantage",
+                "verbatim extraction advantage",
                 "MIA AUC (loss)",
                 "compute dtype",
             ],
@@ -155,11 +124,11 @@ def _training(models: dict) -> str:
 
 
 def _utility(models: dict) -> str:
+    fields = list(dict.fromkeys(f for m in models.values() for f in _get(m, "utility", "fields") or []))
     rows = [
         [
             name,
-            _get(m, "utility", "exact_match", "last_name"),
-            _get(m, "utility", "exact_match", "condition"),
+            *[_get(m, "utility", "exact_match", f) for f in fields],
             _get(m, "utility", "exact_match", "full"),
             _get(m, "utility", "valid_format"),
             _get(m, "utility", "loss"),
@@ -177,54 +146,61 @@ def _utility(models: dict) -> str:
     return _section(
         "utility",
         "Task utility (held-out records)",
-        _table(
-            ["model", "last name", "condition", "full answer", "valid format", "loss", "perplexity", "records"], rows
-        ),
+        _table(["model", *fields, "full answer", "valid format", "loss", "perplexity", "records"], rows),
         ratio,
     )
 
 
-def _extraction(models: dict) -> str:
-    reps = sorted({int(k) for m in models.values() for k in (_get(m, "audit", "extraction", "by_repetition") or {})})
-    ranked = any(_get(m, "audit", "extraction", "rank") for m in models.values())
-    header = [
-        "model",
-        "members",
-        "non-members (baseline)",
-        "advantage",
-        "95% CI",
-        *[f"{r} record(s)" for r in reps],
-        *(["mean rank (m / non-m)", "top-1 (m / non-m)"] if ranked else []),
-    ]
+def _verbatim(models: dict) -> str:
     rows = []
     for name, m in models.items():
-        x = _get(m, "audit", "extraction") or {}
-        by = x.get("by_repetition") or {}
-        rank = x.get("rank") or {}
-        rows.append(
-            [
-                name,
-                x.get("member_rate"),
-                x.get("non_member_rate"),
-                x.get("advantage"),
-                x.get("advantage_ci"),
-                *[_get(by, str(r), "rate") for r in reps],
-                *(
-                    [_pair(rank, "member_mean_rank", "non_member_mean_rank"), _pair(rank, "member_top1", "non_member_top1")]
-                    if ranked
-                    else []
-                ),
-            ]
-        )
+        v = _get(m, "audit", "verbatim") or {}
+        for metric in ("exact", "lcs", "token_overlap"):
+            r = v.get(metric) or {}
+            rows.append([name, metric, r.get("member"), r.get("non_member"), r.get("advantage"), r.get("advantage_ci")])
     note = (
-        "<p>Rate at which greedy decoding after a patient's name prefix names their true "
-        "condition, by number of the patient's records in training.</p>"
+        "<p>Greedy continuation of each record's prompt (text records: its first half) against the true "
+        "continuation: exact reproduction, longest common substring (share of the continuation), shared "
+        "words. Non-members show what knowing the data's form alone gives.</p>"
     )
-    return _section("extraction", "Targeted extraction", note, _table(header, rows))
+    header = ["model", "measure", "members", "non-members (baseline)", "advantage", "95% CI"]
+    return _section("verbatim", "Verbatim extraction", note, _table(header, rows))
 
 
-def _pair(d: dict, a: str, b: str) -> str:
-    return f"{_fmt(d.get(a))} / {_fmt(d.get(b))}"
+def _secrets(models: dict) -> str:
+    rows = []
+    for name, m in models.items():
+        for secret, r in (_get(m, "audit", "secrets") or {}).items():
+            x, rank = r.get("extraction") or {}, r.get("rank") or {}
+            rows.append(
+                [
+                    name,
+                    secret,
+                    _pair(x, "member", "non_member"),
+                    x.get("advantage_ci"),
+                    _pair(rank, "member_mean_rank", "non_member_mean_rank"),
+                    _pair(rank, "member_top1", "non_member_top1"),
+                    rank.get("top1_advantage_ci"),
+                    rank.get("candidates"),
+                ]
+            )
+    if not rows:
+        return _section("secrets", "Targeted secrets", "<p>No secret named (--secret-field, --secret-pattern).</p>")
+    header = [
+        "model",
+        "secret",
+        "extracted (m / non-m)",
+        "advantage 95% CI",
+        "mean rank (m / non-m)",
+        "top-1 (m / non-m)",
+        "top-1 advantage 95% CI",
+        "candidates",
+    ]
+    note = (
+        "<p>Prompted with the record up to the secret: how often greedy decoding outputs it, and its rank "
+        "among other records' secrets by likelihood (1 = most likely).</p>"
+    )
+    return _section("secrets", "Targeted secrets", note, _table(header, rows))
 
 
 def _exposure(models: dict) -> str:
@@ -278,7 +254,7 @@ def _mia(models: dict) -> str:
         "Membership inference",
         _png(fig, "ROC curves"),
         _table(["model", "score", "AUC", "AUC 95% CI", "TPR @ 1% FPR", "TPR @ 0.1% FPR"], rows),
-        *(f"<p>Not reported: {html.escape(m)}.</p>" for m in sorted(missing)),
+        *(f"<p>Not reported: {_e(m)}.</p>" for m in sorted(missing)),
     )
 
 
@@ -310,13 +286,3 @@ def _epsilon(models: dict) -> str:
             ["model", "ε (guarantee)", "ε lower bound", "canaries", "guesses", "correct", "δ", "multiple testing"], rows
         ),
     )
-
-
-def _generations(models: dict) -> str:
-    cols = "".join(
-        f"<div><h3>{_e(name)}</h3><pre>{_e(_DUPONT_PREFIX)}"
-        f"<b>{_e(_get(m, 'audit', 'dupont_completion') or '(not generated)')}</b></pre></div>"
-        for name, m in models.items()
-    )
-    note = "<p>Greedy continuation of the name prefix of François Dupont, a training patient.</p>"
-    return _section("generations", "Generations", note, f"<div class='gen'>{cols}</div>")

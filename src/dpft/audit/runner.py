@@ -1,17 +1,25 @@
-"""The whole audit of one model: extraction, exposure, membership inference, one-run epsilon."""
+"""The whole audit of one model on any data: membership inference, verbatim and secret
+extraction, canary exposure, one-run epsilon. Scenario sections (`dpft.scenarios`) are added by
+the caller; nothing here knows what the records are about."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from dpft.audit.exposure import canary_exposures
-from dpft.audit.extraction import DUPONT, extraction_attack, patients
 from dpft.audit.mia import MIN_K_FRACTION, attack_metrics, record_scores
 from dpft.audit.one_run import one_run_audit
-from dpft.audit.scoring import ReferenceScores, encode_record, suffix_logprobs, token_logprobs
+from dpft.audit.probes import trained_text
+from dpft.audit.scoring import ReferenceScores, encode_as_trained, suffix_logprobs, token_logprobs
+from dpft.audit.secret_extraction import SecretSpec, secret_extraction
+from dpft.audit.verbatim import verbatim_extraction
+from dpft.data.canaries import audit_prefix
 from dpft.errors import DpftError
+
+CONTENT_KEYS = ("prompt", "completion", "text", "messages")
 
 
 def run_audit(
@@ -20,79 +28,86 @@ def run_audit(
     members: Sequence[dict],
     non_members: Sequence[dict],
     canaries: Sequence[dict] | None,
-    conditions: Sequence[str] | None,
     reference_model=None,
     *,
+    secrets: SecretSpec | None = None,
     batch_size: int = 16,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 32,
     max_records: int | None = None,
     seed: int = 0,
     theoretical_epsilon: float | None = None,
     delta: float | None = None,
     num_candidates: int = 2000,
+    secret_candidates: int = 100,
     n_boot: int = 200,
-    rank_conditions: bool = True,
 ) -> dict:
     """Measure what a model leaks about its training records and canaries.
 
     Args:
         model: the audited causal LM (any HF model; private or not). Put in eval mode for the
             audit and restored afterwards.
-        tokenizer: its tokenizer (needs an eos token).
-        members: training records; prompt/completion medical records are audited, others
-            (e.g. canary text records) ignored.
-        non_members: held-out records of the same shape.
+        tokenizer: its tokenizer (needs an eos token; a chat template for chat records).
+        members: training records, any format; rows that are canaries' training rows are left
+            out (they have no non-member counterpart).
+        non_members: held-out records of the same kind.
         canaries: canary dicts from canaries.jsonl, or None.
-        conditions: every condition name (manifest.json); None derives them from the records.
         reference_model: the base model before fine-tuning, for the calibrated MIA score; a
             `ReferenceScores` reuses its scores across the audits of several models.
+        secrets: the secret fields and/or pattern (`--secret-field`, `--secret-pattern`), or None.
         batch_size: sequences per forward pass or generate call.
-        max_new_tokens: tokens generated per extraction prompt.
-        max_records: cap on member and on non-member records (and patients) scored.
+        max_new_tokens: tokens generated and compared per verbatim extraction prompt.
+        max_records: cap on member and on non-member records scored.
         seed: seed of subsampling, candidates and bootstraps.
         theoretical_epsilon: the model's guarantee, reported beside the empirical bound.
         delta: delta of the guarantee, used in the one-run bound (0 when None).
         num_candidates: random secrets scored per exposure canary.
+        secret_candidates: other records' secrets ranked against each true secret, at most.
         n_boot: bootstrap resamples for confidence intervals.
-        rank_conditions: rank each patient's true condition among all by likelihood (extraction).
 
     Returns:
-        The audit.json content: "settings", "extraction", "mia", "exposure", "one_run",
-        "theoretical_epsilon", "delta", "dupont_completion". Sections without inputs are None.
+        The audit.json content: "settings", "mia", "verbatim", "secrets", "exposure", "one_run",
+        "theoretical_epsilon", "delta". Sections without inputs are None.
 
     Raises:
-        DpftError: if there are no member or no non-member medical records, or no eos token.
+        DpftError: if there are no member or no non-member records, or no eos token.
+        ConfigError: a secret spec that is invalid or matches no member or no non-member record.
     """
     if tokenizer.eos_token_id is None:
         raise DpftError("the tokenizer has no eos token; the audit encodes records as trained")
     rng = np.random.default_rng(seed)
-    mem_recs = _cap([r for r in members if _is_task(r)], max_records, rng)
-    non_recs = _cap([r for r in non_members if _is_task(r)], max_records, rng)
-    all_people = patients(members), patients(non_members)
-    mem_people = _cap(all_people[0], max_records, rng, keep=DUPONT)
-    non_people = _cap(all_people[1], max_records, rng)
-    if not mem_recs or not non_recs or not mem_people or not non_people:
-        raise DpftError(
-            "the audit needs member and non-member medical records "
-            "(prompt '{medical_record: \"<First> <Last> ...' with a completion)"
-        )
-    names = list(conditions) if conditions else sorted({p["condition"] for p in [*all_people[0], *all_people[1]]})
-    canaries = list(canaries or [])
+    canaries = [{**c, "prefix": audit_prefix(tokenizer, c)} for c in canaries or []]
+    mem_recs = _cap(_without_canaries(members, canaries), max_records, rng)
+    non_recs = _cap(list(non_members), max_records, rng)
+    if not mem_recs or not non_recs:
+        raise DpftError("the audit needs member and non-member records (besides canary rows)")
     reference = _reference_scores(reference_model)
     was_training = model.training
     model.eval()
     try:
-        extraction = extraction_attack(
+        verbatim = verbatim_extraction(
             model,
             tokenizer,
-            mem_people,
-            non_people,
-            names,
+            mem_recs,
+            non_recs,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             seed=seed,
             n_boot=n_boot,
-            rank_conditions=rank_conditions,
+        )
+        found = (
+            secret_extraction(
+                model,
+                tokenizer,
+                mem_recs,
+                non_recs,
+                secrets,
+                batch_size=batch_size,
+                num_candidates=secret_candidates,
+                seed=seed,
+                n_boot=n_boot,
+            )
+            if secrets and (secrets.fields or secrets.pattern)
+            else None
         )
         mia = _membership(model, reference, tokenizer, mem_recs, non_recs, batch_size, seed, n_boot)
         exposure_canaries = [c for c in canaries if c.get("kind") == "exposure"]
@@ -116,25 +131,24 @@ def run_audit(
             "settings": {
                 "members_scored": len(mem_recs),
                 "non_members_scored": len(non_recs),
-                "member_patients": len(mem_people),
-                "non_member_patients": len(non_people),
                 "seed": seed,
                 "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens,
                 "max_records": max_records,
                 "num_candidates": num_candidates,
+                "secret_candidates": secret_candidates,
                 "bootstrap_resamples": n_boot,
                 "min_k_fraction": MIN_K_FRACTION,
                 "reference_model": reference_model is not None,
                 "mia_unit": "record",
             },
-            "extraction": {k: v for k, v in extraction.items() if k != "dupont_completion"},
             "mia": mia,
+            "verbatim": verbatim,
+            "secrets": found,
             "exposure": exposure,
             "one_run": one_run,
             "theoretical_epsilon": theoretical_epsilon,
             "delta": delta,
-            "dupont_completion": extraction["dupont_completion"],
         }
     )
 
@@ -145,17 +159,21 @@ def _reference_scores(reference) -> ReferenceScores | None:
     return ReferenceScores(reference)
 
 
-def _is_task(record: dict) -> bool:
-    return bool(record.get("prompt")) and bool(record.get("completion"))
+def _content(record: dict) -> str:
+    return json.dumps({k: v for k, v in record.items() if k in CONTENT_KEYS}, sort_keys=True)
 
 
-def _cap(items: list, limit: int | None, rng: np.random.Generator, keep: tuple[str, str] | None = None) -> list:
-    """A seeded random subset of at most `limit` items, always keeping the patient `keep`."""
+def _without_canaries(records: Sequence[dict], canaries: Sequence[dict]) -> list[dict]:
+    """Records that are not a canary's training row (synth-medical canaries: their text)."""
+    rows = {_content(c["record"] if c.get("record") else {"text": c.get("text")}) for c in canaries}
+    return [r for r in records if _content(r) not in rows]
+
+
+def _cap(items: list, limit: int | None, rng: np.random.Generator) -> list:
+    """A seeded random subset of at most `limit` items, in their order."""
     if limit is None or len(items) <= limit:
         return items
-    kept = [i for i, x in enumerate(items) if keep and (x.get("first"), x.get("last")) == keep]
-    rest = [i for i in rng.permutation(len(items)) if i not in kept]
-    return [items[i] for i in sorted([*kept, *rest][:limit])]
+    return [items[i] for i in sorted(rng.permutation(len(items))[:limit])]
 
 
 def _membership(
@@ -170,8 +188,8 @@ def _membership(
 ) -> dict:
     """Attack metrics of every membership score, members against non-members."""
     recs = [*members, *non_members]
-    seqs = [encode_record(tokenizer, r["prompt"], r["completion"])[0] for r in recs]
-    texts = [r["prompt"] + r["completion"] for r in recs]
+    seqs = [encode_as_trained(tokenizer, r)[0] for r in recs]
+    texts = [trained_text(r) for r in recs]
     ref = reference.token_logprobs(seqs, batch_size) if reference is not None else None
     scores = record_scores(token_logprobs(model, seqs, batch_size), texts, ref)
     n = len(members)

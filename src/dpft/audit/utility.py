@@ -1,31 +1,26 @@
-"""Task utility on held-out records: does the model still do the task it was tuned for?"""
+"""Task utility on held-out records: does the model still do the task it was tuned for?
+
+Works on any records: the held-out loss and perplexity cover every record's trained tokens (as
+`dpft.data.encode` marks them); the answers cover records with one (prompt/completion: the
+completion; chat: the last assistant turn), each generated greedily from its prompt. Named
+fields (`--field`, same syntax as `--secret-field`) are compared one by one.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from dpft.audit.scoring import encode_record, greedy_generate, token_logprobs
-from dpft.data.encode import encode_opening
+from dpft.audit.probes import probe_of, tokens
+from dpft.audit.scoring import greedy_generate, token_logprobs
+from dpft.audit.secret_extraction import SecretSpec, find_secret
+from dpft.data.encode import ENCODERS, IGNORE_INDEX
+from dpft.data.records import Record
 from dpft.errors import DpftError
 
-ANSWER_RE = re.compile(r'\{last_name: "([^"]*)", condition: "([^"]*)"\}')
-
-
-def parse_answer(text: str) -> tuple[str, str] | None:
-    """(last_name, condition) of an answer in the task's exact format, else None.
-
-    Args:
-        text: a completion, generated or reference.
-
-    Returns:
-        The two fields, or None when the text is not exactly one well-formed answer.
-    """
-    found = ANSWER_RE.fullmatch(text.strip())
-    return found.groups() if found else None
+MAX_ANSWER_TOKENS = 256
 
 
 def evaluate_utility(
@@ -33,48 +28,71 @@ def evaluate_utility(
     tokenizer,
     records: Sequence[dict],
     *,
+    fields: Sequence[str] = (),
     batch_size: int = 16,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
 ) -> dict:
-    """Exact-match accuracy of greedy answers and held-out loss on prompt/completion records.
+    """Held-out loss and perplexity, and exact match of greedy answers, whole and per field.
 
     Args:
         model: a causal LM.
         tokenizer: its tokenizer (needs an eos token).
-        records: held-out records with "prompt" and "completion".
-        batch_size: prompts per batch.
-        max_new_tokens: tokens generated per prompt.
+        records: held-out records (any format).
+        fields: field names compared one by one (`key: "value"` or JSON `"key": value`).
+        batch_size: sequences per batch.
+        max_new_tokens: tokens generated per prompt; default: the longest answer's, plus 2.
 
     Returns:
-        {"records", "exact_match": {"last_name", "condition", "full"}, "valid_format",
-        "loss", "perplexity"}; loss is the mean NLL over all completion tokens (eos included,
-        as trained), perplexity its exponential.
+        {"records", "answers", "fields", "exact_match": {"full", <field>...}, "valid_format",
+        "loss", "perplexity"}; loss is the mean NLL over all trained tokens (eos included),
+        perplexity its exponential; exact_match and valid_format (every named field found in the
+        answer) are None without records that have an answer, valid_format also without fields.
 
     Raises:
-        DpftError: if no record has a prompt and a completion.
+        DpftError: if there are no records.
+        ConfigError: a field name that is not a plain key.
     """
-    recs = [r for r in records if r.get("prompt") and r.get("completion")]
-    if not recs:
-        raise DpftError("utility evaluation needs records with 'prompt' and 'completion'")
+    if not records:
+        raise DpftError("utility evaluation needs at least one record")
+    finders = SecretSpec(tuple(fields)).finders("--field")
+    loss = _held_out_loss(model, tokenizer, records, batch_size)
+    answered = [r for r in records if "text" not in r]
+    probes = [probe_of(tokenizer, r) for r in answered]
+    longest = max((len(tokens(tokenizer, p.target)) for p in probes), default=0) + 2
     outs = greedy_generate(
-        model, tokenizer, [encode_opening(tokenizer, r["prompt"]) for r in recs], batch_size, max_new_tokens
+        model, tokenizer, [p.context for p in probes], batch_size, max_new_tokens or min(longest, MAX_ANSWER_TOKENS)
     )
-    got = [parse_answer(o) for o in outs]
-    want = [parse_answer(r["completion"]) for r in recs]
-    field = {
-        name: float(np.mean([g is not None and w is not None and g[i] == w[i] for g, w in zip(got, want, strict=True)]))
-        for i, name in enumerate(("last_name", "condition"))
-    }
-    full = np.mean([o.strip() == r["completion"].strip() for o, r in zip(outs, recs, strict=True)])
-    encoded = [encode_record(tokenizer, r["prompt"], r["completion"]) for r in recs]
-    lps = token_logprobs(model, [ids for ids, _ in encoded], batch_size)
-    # Token t of the completion is predicted at position t - 1.
-    nll = np.concatenate([-lp[start - 1 :] for lp, (_, start) in zip(lps, encoded, strict=True)])
-    loss = float(nll.mean())
+    exact = {"full": _mean([o.strip() == p.target.strip() for o, p in zip(outs, probes, strict=True)])}
+    found = {name: [find_secret(f, o) for o in outs] for name, f in finders.items()}
+    for name, finder in finders.items():
+        want = [find_secret(finder, p.target) for p in probes]
+        exact[name] = _mean(
+            [g is not None and w is not None and g[1] == w[1] for g, w in zip(found[name], want, strict=True)]
+        )
+    valid = _mean([all(found[n][i] is not None for n in finders) for i in range(len(outs))]) if finders else None
     return {
-        "records": len(recs),
-        "exact_match": {**field, "full": float(full)},
-        "valid_format": float(np.mean([g is not None for g in got])),
+        "records": len(records),
+        "answers": len(probes),
+        "fields": list(finders),
+        "exact_match": exact,
+        "valid_format": valid,
         "loss": loss,
         "perplexity": math.exp(loss),
     }
+
+
+def _held_out_loss(model, tokenizer, records: Sequence[dict], batch_size: int) -> float:
+    """Mean NLL over the tokens training puts a loss on (default --loss-on completion)."""
+    encoded = [ENCODERS[rec.kind](rec, tokenizer, "completion") for rec in (Record(r, "<eval>", 0) for r in records)]
+    lps = token_logprobs(model, [ids for ids, _ in encoded], batch_size)
+    # Token t is predicted at position t - 1.
+    nll = [-lp[t - 1] for lp, (_, labels) in zip(lps, encoded, strict=True) for t in _targets(labels)]
+    return float(np.mean(nll))
+
+
+def _targets(labels: list[int]) -> list[int]:
+    return [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
+
+
+def _mean(values: list[bool]) -> float | None:
+    return float(np.mean(values)) if values else None

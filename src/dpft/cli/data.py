@@ -31,15 +31,9 @@ def synth_medical_cmd(
     ),
 ) -> None:
     """The seed's task: medical records → {last_name, condition}; split by patient; canaries."""
-    from dpft.data import synth_medical
-    from dpft.errors import ConfigError
+    from dpft.scenarios.medical.synth import synth_medical
 
-    try:
-        counts = tuple(int(x) for x in records_per_patient.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(
-            [f"--records-per-patient must be comma-separated integers, e.g. 1,2,4 (got {records_per_patient!r})"]
-        ) from None
+    counts = _int_list(records_per_patient, "--records-per-patient")
     manifest = synth_medical(
         output,
         patients=patients,
@@ -51,6 +45,53 @@ def synth_medical_cmd(
     )
     splits = manifest["splits"]
     print(f"{splits['train']['records']} training and {splits['holdout']['records']} held-out records → {output}")
+
+
+@data_app.command("canaries")
+@handles_errors
+def canaries_cmd(
+    like: str = typer.Option(..., "--like", help="Your training file: the canaries take its records' format."),
+    output: str = typer.Option(..., "--output", help="Folder for canaries.jsonl, the canary rows and manifest.json."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Reproducible canaries (whoever knows the seed knows the secrets); default: OS entropy."
+    ),
+    canary_repetitions: str = typer.Option(
+        "1,2,4,8,16", "--canary-repetitions", help="Comma-separated insertion counts of exposure canaries."
+    ),
+    canaries_per_repetition: int = typer.Option(
+        5, "--canaries-per-repetition", help="Exposure canaries per insertion count (never-inserted ones included)."
+    ),
+    one_run_canaries: int = typer.Option(
+        200, "--one-run-canaries", help="Canaries inserted with probability ½ (one-run audit)."
+    ),
+) -> None:
+    """Exposure and one-run canaries shaped like your records, to mix into training and audit."""
+    from pathlib import Path
+
+    from dpft.data.canaries import make_canaries
+
+    manifest = make_canaries(
+        like,
+        output,
+        seed=seed,
+        canary_repetitions=_int_list(canary_repetitions, "--canary-repetitions"),
+        canaries_per_repetition=canaries_per_repetition,
+        one_run_canaries=one_run_canaries,
+    )
+    out = Path(output)
+    print(
+        f"{manifest['records']['canary_rows']} canary rows ({manifest['format']}) → {out / 'canary-records.jsonl'}; "
+        f"train on {out / 'train-with-canaries.jsonl'}, then audit with --canaries {out / 'canaries.jsonl'}"
+    )
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    from dpft.errors import ConfigError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError([f"{flag} must be comma-separated integers, e.g. 1,2,4 (got {text!r})"]) from None
 
 
 @data_app.command("check")

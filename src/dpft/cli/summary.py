@@ -31,9 +31,11 @@ def print_summary(models: dict[str, dict]) -> None:
     rows = [
         ("ε (theory)", lambda m: _fmt(_get(m, "privacy", "epsilon")) if _get(m, "privacy", "dp") else "∞ (no DP)"),
         ("full-answer exact match", lambda m: _fmt(_get(m, "utility", "exact_match", "full"), pct=True)),
-        ("extraction: members", lambda m: _fmt(_get(m, "audit", "extraction", "member_rate"), pct=True)),
-        ("extraction: non-members", lambda m: _fmt(_get(m, "audit", "extraction", "non_member_rate"), pct=True)),
-        ("extraction advantage [95% CI]", _advantage),
+        *_medical_rows(models),
+        ("verbatim exact: members", lambda m: _fmt(_get(m, "audit", "verbatim", "exact", "member"), pct=True)),
+        ("verbatim exact: non-members", lambda m: _fmt(_get(m, "audit", "verbatim", "exact", "non_member"), pct=True)),
+        ("verbatim advantage [95% CI]", lambda m: _with_ci(_get(m, "audit", "verbatim", "exact") or {}, "advantage")),
+        *_secret_rows(models),
         ("MIA AUC (loss)", lambda m: _fmt(_get(m, "audit", "mia", "loss", "auc"))),
         ("MIA AUC (reference)", lambda m: _fmt(_get(m, "audit", "mia", "reference", "auc"))),
         ("canary exposure, 8 reps", lambda m: _fmt(_exposure(m, "8"))),
@@ -47,9 +49,47 @@ def print_summary(models: dict[str, dict]) -> None:
     Console().print(table)
 
 
-def _advantage(m: dict) -> str:
-    adv, ci = _get(m, "audit", "extraction", "advantage"), _get(m, "audit", "extraction", "advantage_ci")
-    return _fmt(adv) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+def _with_ci(d: dict, key: str) -> str:
+    ci = d.get(f"{key}_ci")
+    return _fmt(d.get(key)) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _medical_rows(models: dict[str, dict]) -> list:
+    """The medical scenario's name-prefix extraction, when it ran (audit.json holds it under "medical")."""
+    if not any(_get(m, "audit", "medical") for m in models.values()):
+        return []
+    return [
+        (
+            "name → condition: members",
+            lambda m: _fmt(_get(m, "audit", "medical", "extraction", "member_rate"), pct=True),
+        ),
+        (
+            "name → condition: non-members",
+            lambda m: _fmt(_get(m, "audit", "medical", "extraction", "non_member_rate"), pct=True),
+        ),
+        (
+            "name → condition advantage [95% CI]",
+            lambda m: _with_ci(_get(m, "audit", "medical", "extraction") or {}, "advantage"),
+        ),
+    ]
+
+
+def _secret_rows(models: dict[str, dict]) -> list:
+    names = list(dict.fromkeys(k for m in models.values() for k in _get(m, "audit", "secrets") or {}))
+    rows = []
+    for n in names:
+        rows += [
+            (
+                f"secret {n}: extracted, advantage [95% CI]",
+                lambda m, n=n: _with_ci(_get(m, "audit", "secrets", n, "extraction") or {}, "advantage"),
+            ),
+            (f"secret {n}: top-1 rank (m / non-m)", lambda m, n=n: _pair(_get(m, "audit", "secrets", n, "rank") or {})),
+        ]
+    return rows
+
+
+def _pair(rank: dict) -> str:
+    return f"{_fmt(rank.get('member_top1'), pct=True)} / {_fmt(rank.get('non_member_top1'), pct=True)}"
 
 
 def _exposure(m: dict, reps: str) -> Any:

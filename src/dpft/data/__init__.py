@@ -1,8 +1,7 @@
-"""Training data: read and validate records, encode them into examples, generate synthetic data."""
+"""Training data: read and validate records, encode them into examples, write canaries shaped like them."""
 
 from dpft.data.encode import EncodedDataset, Example, collate, encode_records
 from dpft.data.records import Record, count_duplicates, read_records
-from dpft.data.synth_medical import synth_medical
 
 __all__ = [
     "EncodedDataset",
@@ -12,5 +11,4 @@ __all__ = [
     "count_duplicates",
     "encode_records",
     "read_records",
-    "synth_medical",
 ]

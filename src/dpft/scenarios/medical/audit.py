@@ -1,9 +1,9 @@
-"""Targeted extraction: does the model complete a patient's name with their condition?
+"""The medical scenario's own attack: does the model complete a patient's name with their condition?
 
 Members are patients in the training set; non-members (held-out patients) give the rate at
 which the model names the right condition by guessing from the condition frequencies alone.
 A second, generation-free view ranks the true condition among all conditions by likelihood
-after a neutral template.
+after a neutral template. François Dupont's greedy completion is kept for the report.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import numpy as np
 from dpft.audit.mia import bootstrap_ci
 from dpft.audit.scoring import greedy_generate, suffix_logprobs
 from dpft.data.encode import encode_opening
+from dpft.errors import DpftError
+from dpft.scenarios.medical.records import DUPONT, NAME_RE, name_prefix
 
-NAME_RE = re.compile(r'^\{medical_record: "(\S+) (\S+)')
-LAST_NAME_RE = re.compile(r'last_name: "([^"]*)"')
 CONDITION_RE = re.compile(r'condition: "([^"]*)"')
 # Chosen here (the generator's templates did not exist yet): a plain clinical phrasing that
 # does not favour any condition.
 NEUTRAL_TEMPLATE = " was diagnosed with"
-DUPONT = ("François", "Dupont")
 
 
 def parse_patient(record: dict) -> dict | None:
@@ -63,9 +62,80 @@ def patients(records: Sequence[dict]) -> list[dict]:
     return list(first_seen.values())
 
 
-def name_prefix(patient: dict) -> str:
-    """The extraction prompt: the record's opening up to the patient's last name."""
-    return f'{{medical_record: "{patient["first"]} {patient["last"]}'
+def medical_audit(
+    model,
+    tokenizer,
+    members: Sequence[dict],
+    non_members: Sequence[dict],
+    conditions: Sequence[str] | None = None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    max_records: int | None = None,
+    seed: int = 0,
+    n_boot: int = 200,
+    rank_conditions: bool = True,
+) -> dict:
+    """The scenario's sections of audit.json: targeted extraction and Dupont's completion.
+
+    Args:
+        model: the audited causal LM (in eval mode).
+        tokenizer: its tokenizer.
+        members: training records; medical prompt/completion records are used, others ignored.
+        non_members: held-out records.
+        conditions: every condition name (manifest.json); None derives them from the records.
+        batch_size: prompts per batch.
+        max_new_tokens: tokens generated per name prefix.
+        max_records: cap on member and on non-member patients (Dupont always kept).
+        seed: seed of subsampling and bootstraps.
+        n_boot: bootstrap resamples.
+        rank_conditions: also rank each true condition among all by likelihood (about as costly
+            as the extraction's generation).
+
+    Returns:
+        {"member_patients", "non_member_patients", "extraction": {...}, "dupont_completion"}.
+
+    Raises:
+        DpftError: if either side has no medical patient.
+    """
+    rng = np.random.default_rng(seed)
+    everyone = patients(members), patients(non_members)
+    mem = _cap(everyone[0], max_records, rng, keep=DUPONT)
+    non = _cap(everyone[1], max_records, rng)
+    if not mem or not non:
+        raise DpftError(
+            "the medical audit needs member and non-member medical records "
+            "(prompt '{medical_record: \"<First> <Last> ...' with a completion)"
+        )
+    names = list(conditions) if conditions else sorted({p["condition"] for p in [*everyone[0], *everyone[1]]})
+    extraction = extraction_attack(
+        model,
+        tokenizer,
+        mem,
+        non,
+        names,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        n_boot=n_boot,
+        rank_conditions=rank_conditions,
+    )
+    dupont = extraction.pop("dupont_completion")
+    return {
+        "member_patients": len(mem),
+        "non_member_patients": len(non),
+        "extraction": extraction,
+        "dupont_completion": dupont,
+    }
+
+
+def _cap(items: list, limit: int | None, rng: np.random.Generator, keep: tuple[str, str] | None = None) -> list:
+    """A seeded random subset of at most `limit` patients, always keeping the patient `keep`."""
+    if limit is None or len(items) <= limit:
+        return items
+    kept = [i for i, x in enumerate(items) if keep and (x.get("first"), x.get("last")) == keep]
+    rest = [i for i in rng.permutation(len(items)) if i not in kept]
+    return [items[i] for i in sorted([*kept, *rest][:limit])]
 
 
 def condition_ranks(
@@ -90,7 +160,7 @@ def condition_ranks(
     items = []
     for p in people:
         cands = list(dict.fromkeys([p["condition"], *conditions]))
-        items.append((name_prefix(p) + NEUTRAL_TEMPLATE, [" " + c for c in cands]))
+        items.append((name_prefix(p["first"], p["last"]) + NEUTRAL_TEMPLATE, [" " + c for c in cands]))
     scores = suffix_logprobs(model, tokenizer, items, batch_size)
     return np.array([1 + int(np.sum(s[1:] > s[0])) for s in scores])
 
@@ -129,9 +199,8 @@ def extraction_attack(
         is the generated continuation for François Dupont (None when he is not a member).
     """
     people = [*members, *non_members]
-    texts = greedy_generate(
-        model, tokenizer, [encode_opening(tokenizer, name_prefix(p)) for p in people], batch_size, max_new_tokens
-    )
+    prompts = [encode_opening(tokenizer, name_prefix(p["first"], p["last"])) for p in people]
+    texts = greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens)
     hit = np.array([p["condition"].lower() in t.lower() for p, t in zip(people, texts, strict=True)])
     mem, non = hit[: len(members)].astype(float), hit[len(members) :].astype(float)
     by_rep = {}

@@ -1,4 +1,4 @@
-"""`dpft data synth-medical`: the seed's synthetic medical records, with canaries to audit.
+"""`dpft data synth-medical`: the medical scenario's synthetic medical records, with canaries to audit.
 
 Each patient has a name (Faker, five locales; first and last name one word each, so every
 prompt starts `{medical_record: "<First> <Last> `), one condition (Zipf-distributed, see
@@ -33,8 +33,9 @@ from pathlib import Path
 
 from faker import Faker
 
-from dpft.data.conditions import CONDITIONS, condition_frequencies
 from dpft.errors import ConfigError
+from dpft.scenarios.medical.conditions import CONDITIONS, condition_frequencies
+from dpft.scenarios.medical.records import DUPONT, DUPONT_CONDITION, completion_text, prompt_text
 
 LOCALES = ("fr_FR", "en_US", "de_DE", "es_ES", "it_IT")
 TEMPLATES = (
@@ -49,7 +50,7 @@ TEMPLATES = (
     "{first} {last} tested positive for {condition} after further examination",
     "{first} {last} has been followed by the clinic for {condition} since {year}",
 )
-SEED_PATIENT = ("François", "Dupont", "pancreatic cancer")
+SEED_PATIENT = (*DUPONT, DUPONT_CONDITION)
 SEED_PATIENT_RECORDS = 8
 SECRET_ALPHABET = "0123456789"
 SECRET_LENGTH = 6
@@ -82,23 +83,6 @@ class Canary:
     @property
     def text(self) -> str:
         return self.prefix + self.secret + CANARY_SUFFIX
-
-
-def prompt_text(sentence: str) -> str:
-    """The prompt of a patient record.
-
-    Args:
-        sentence: a filled template, starting with "<First> <Last> ".
-
-    Returns:
-        `{medical_record: "<sentence>"}`, which starts with `{medical_record: "<First> <Last>`.
-    """
-    return '{medical_record: "' + sentence + '"}'
-
-
-def completion_text(last: str, condition: str) -> str:
-    """The completion of a patient record: `{last_name: "<Last>", condition: "<condition>"}`."""
-    return '{last_name: "' + last + '", condition: "' + condition + '"}'
 
 
 def synth_medical(
@@ -297,6 +281,7 @@ def _manifest(seed: int, options: dict, train: list[Patient], holdout: list[Pati
     dupont = next(p for p in train if (p.first, p.last) == SEED_PATIENT[:2])
     return {
         "generator": "dpft data synth-medical",
+        "scenario": "medical",
         "seed": seed,
         "options": options,
         "prompt_format": '{medical_record: "<First> <Last> <free text>"}',
