@@ -299,9 +299,8 @@ def settings_hash(c: TrainConfig) -> str:
 
 
 def _checkpoint(run: Run) -> None:
-    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
     state = {"step": run.steps_done, "batch_sizes": run.batch_sizes, "config_hash": settings_hash(run.config)}
-    ckpt.save_checkpoint(run.paths.checkpoints, run.steps_done, trainable, run.optimizer.state_dict(), state)
+    ckpt.save_training(run.paths.checkpoints, run.steps_done, run.model, run.optimizer.state_dict(), state)
 
 
 def _restore(run: Run) -> None:
@@ -316,13 +315,7 @@ def _restore(run: Run) -> None:
             truncate_rows(paths.metrics, 0)
             truncate_rows(paths.train_log, 0)
         return
-    weights, opt_state, state = ckpt.load_checkpoint(paths.checkpoints, settings_hash(run.config))
-    params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise DpftError(f"{paths.checkpoints}: checkpoint weights do not match the model; refusing to resume")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    opt_state, state = ckpt.restore_training(paths.checkpoints, settings_hash(run.config), run.model)
     run.optimizer.load_state_dict(opt_state)
     run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
     if run.par.is_main:
