@@ -50,8 +50,20 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def run(tmp_path, model_dir, name, data, steps=4, crash_at=None, resume=None, priv=None, **args_extra):
-    callbacks = [CrashInStep(crash_at)] if crash_at is not None else []
+class LedgerAtStart(TrainerCallback):
+    """The run's ledger entry when training starts (before any step reads data)."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint, self.segments = fingerprint, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        output = str(Path(args.output_dir).resolve())
+        [entry] = [e for e in BudgetLedger().history(self.fingerprint) if e.output == output]
+        self.segments = [list(s) for s in entry.segments]
+
+
+def run(tmp_path, model_dir, name, data, steps=4, crash_at=None, resume=None, priv=None, callbacks=(), **args_extra):
+    callbacks = [*callbacks, CrashInStep(crash_at)] if crash_at is not None else list(callbacks)
     args = training_args(tmp_path / name, max_steps=steps, save_strategy="steps", save_steps=1, **args_extra)
     trainer = dp_trainer(
         tmp_path, model_dir, data=data, args=args, priv=priv or privacy(noise_multiplier=SIGMA, target_epsilon=50.0),
@@ -74,7 +86,9 @@ def test_resume_accounts_the_interrupted_step_and_continues_the_run(tmp_path, ti
     assert journal_lines(root) == 3 and not (root / "privacy.json").exists()  # step 2 touched the data
     assert (root / "private" / "checkpoints" / "latest").read_text() == "step-000002"
     assert not list(root.glob("checkpoint-*"))  # dpft's checkpoints, not the Trainer's public folders
-    out = run(tmp_path, tiny_model_dir, "cut", data, steps=4, resume=True)
+    ledger = LedgerAtStart(dataset_fingerprint(data))
+    out = run(tmp_path, tiny_model_dir, "cut", data, steps=4, resume=True, callbacks=[ledger])
+    assert ledger.segments == [[Q, SIGMA, 5]]  # 3 journalled + 2 still planned, before any data is read
 
     report = json.loads((root / "privacy.json").read_text())
     five = json.loads((tmp_path / "five" / "privacy.json").read_text())

@@ -197,8 +197,11 @@ class DPTrainerMixin:
         """Continue the unfinished run in output_dir from its newest checkpoint (or its start, if none).
 
         The journal is not touched: the steps the lost attempt journalled stay accounted, those it
-        never completed included, and the hard stop composes them. The run's ledger entry is
-        replaced by the journal's steps when this attempt ends.
+        never completed included, and the hard stop composes them. Before any data is read the
+        run's ledger entry becomes the journal's steps plus the steps still planned (conservative,
+        as at the start), and the journal's steps alone when this attempt ends. A resume is not
+        checked against dataset_budget again: the run was when it started, and its own ε stays
+        within target_epsilon (the hard stop).
 
         Raises:
             ConfigError: No unfinished run, or other data, settings or randomness (`check_resumable`).
@@ -215,6 +218,9 @@ class DPTrainerMixin:
         if dp.par.is_main:
             truncate_rows(dp.paths.metrics, dp.steps_done)  # the steps after the checkpoint are redone
             truncate_rows(dp.paths.train_log, dp.steps_done)
+            spent = PrivacyJournal(dp.paths.journal, dp.mechanism.segment).segments()
+            left = dp.mechanism.segment._replace(steps=max(0, dp.planned_steps - dp.steps_done))
+            dp.ledger.record(dp.paths.root, [*spent, left])  # as at the start: conservative until the end
         dp.started = True
 
     def public_settings(self) -> dict[str, Any]:
