@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dpft
 from dpft.errors import BudgetExceededError, ConfigError
@@ -145,6 +145,13 @@ def test_a_custom_sampler_or_loss_is_refused(tmp_path, tiny_model_dir):
         Shuffled(model=model, args=training_args(tmp_path / "hf"), train_dataset=data, processing_class=tokenizer)
     with pytest.raises(ConfigError, match="compute_loss_func"):
         dp_trainer(tmp_path, tiny_model_dir, data=data, compute_loss_func=lambda *a, **k: 0)
+
+    class Wrapped(DPTrainer):  # e.g. to put DDP back: its hooks would all-reduce unclipped gradients
+        def _prepare_for_training(self, *args):
+            return Trainer._prepare_for_training(self, *args)
+
+    with pytest.raises(ConfigError, match="overrides _prepare_for_training"):
+        Wrapped(model=model, args=training_args(tmp_path / "hf"), train_dataset=data, processing_class=tokenizer)
 
 
 def test_a_micro_batch_smaller_than_a_user_is_refused(tmp_path, tiny_model_dir):

@@ -536,7 +536,8 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         )
     if bound.get("model_init") is not None:
         problems.append("model_init (hyperparameter search): each trial would spend budget on the same data")
-    for name in ("_get_train_sampler", "get_train_dataloader", "training_step", "_clip_grad_norm"):
+    loop = ("_get_train_sampler", "get_train_dataloader", "training_step", "_clip_grad_norm")
+    for name in (*loop, "_prepare_for_training"):  # the last keeps DDP's unclipped all-reduce out
         if getattr(cls, name) is not getattr(DPTrainerMixin, name, getattr(Trainer, name)):
             problems.append(f"{cls.__name__} overrides {name}: the DP sampler and step must not be replaced")
     train, evals = bound.get("train_dataset"), bound.get("eval_dataset")
