@@ -115,7 +115,7 @@ def training_args(out: Path, a: argparse.Namespace, bf16: bool) -> TrainingArgum
     )  # fmt: skip
 
 
-def run_plain(turns: Turns, a, tmp: Path, rows: list[dict], bf16: bool) -> None:
+def plain_trainer(turns: Turns, a, tmp: Path, rows: list[dict], bf16: bool) -> Trainer:
     model, tokenizer = lora(a.model)
     data = encode_records(read_records(Dataset.from_list(rows)), tokenizer, a.max_length, "record", "completion")
     tokenized = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in data.examples])
@@ -124,7 +124,7 @@ def run_plain(turns: Turns, a, tmp: Path, rows: list[dict], bf16: bool) -> None:
         model=model, args=training_args(tmp / "plain", a, bf16), train_dataset=tokenized,
         data_collator=lambda batch: collate([_Example(r) for r in batch], pad), callbacks=[Timed(turns, "plain_trainer")],
     )  # fmt: skip
-    trainer.train()
+    return trainer
 
 
 class _Example:
@@ -132,7 +132,7 @@ class _Example:
         self.input_ids, self.labels = row["input_ids"], row["labels"]
 
 
-def run_dp_trainer(turns: Turns, a, tmp: Path, rows: list[dict], bf16: bool) -> None:
+def dp_trainer(turns: Turns, a, tmp: Path, rows: list[dict], bf16: bool) -> DPTrainer:
     model, tokenizer = lora(a.model)
     privacy = PrivacyArguments(
         target_epsilon=1e6, delta=DELTA, noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=a.batch,
@@ -142,17 +142,20 @@ def run_dp_trainer(turns: Turns, a, tmp: Path, rows: list[dict], bf16: bool) -> 
         model=model, args=training_args(tmp / "dp-trainer", a, bf16), train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, privacy_args=privacy, callbacks=[Timed(turns, "dp_trainer")],
     )  # fmt: skip
-    trainer.train()
+    return trainer
 
 
-def run_dpft_train(turns: Turns, a, tmp: Path, data: Path, dtype: str) -> None:
+def dpft_run(a, tmp: Path, data: Path, dtype: str) -> recipe.Run:
     config = TrainConfig(
         data=str(data), output=str(tmp / "dpft-train"), model=a.model, batch_size=a.batch, micro_batch_size=a.batch,
         max_steps=a.repeats + 1, lr=LR, max_length=a.max_length, quiet=True, epsilon=1e6, delta=DELTA,
         noise_multiplier=SIGMA, max_grad_norm=CLIP, checkpoint_every=0, dtype=dtype, device="cpu",
         lora_r=8, lora_alpha=16.0, lora_targets="q_proj,v_proj",
     )  # fmt: skip
-    run = recipe.setup(config)
+    return recipe.setup(config)
+
+
+def run_dpft_train(turns: Turns, run: recipe.Run) -> None:
     run.model.train()
     for t in range(run.planned_steps):
         turns.begin("dpft_train")
@@ -173,11 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
         data = tmp / "records.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         turns = Turns(list(VARIANTS))
-        jobs = {
-            "plain_trainer": lambda: run_plain(turns, a, tmp, rows, dtype == "bf16"),
-            "dpft_train": lambda: run_dpft_train(turns, a, tmp, data, dtype),
-            "dp_trainer": lambda: run_dp_trainer(turns, a, tmp, rows, dtype == "bf16"),
-        }
+        # Built one after the other in this thread: loading models concurrently is not thread-safe.
+        plain = plain_trainer(turns, a, tmp, rows, dtype == "bf16")
+        run = dpft_run(a, tmp, data, dtype)
+        dp = dp_trainer(turns, a, tmp, rows, dtype == "bf16")
+        jobs = {"plain_trainer": plain.train, "dpft_train": lambda: run_dpft_train(turns, run), "dp_trainer": dp.train}
         errors: dict[str, str] = {}
         threads = [threading.Thread(target=_guarded, args=(turns, n, job, errors)) for n, job in jobs.items()]
         for thread in threads:

@@ -375,7 +375,8 @@ class DPTrainerMixin:
         Args:
             resume_from_checkpoint: True (or output_dir): continue the unfinished run in output_dir
                 from its newest dpft checkpoint, with the same data and settings (see `_reopen_run`).
-            trial: Refused (hyperparameter search spends budget dpft does not see).
+            trial: Passed to the Trainer (a search needs model_init, which is refused: each trial would spend
+                budget on the same data).
         """
         dp = self._dp
         if dp.finished or dp.started:
