@@ -2,6 +2,8 @@
 
     python examples/hf_trainer.py --output runs/hf-lora            # embedded SmolLM2, bundled data
     python examples/hf_trainer.py --model path/to/tiny --max-steps 2 --output /tmp/run
+    python examples/hf_trainer.py --output runs/hf-lora --resume   # after a crash: same settings, same data
+    torchrun --nproc-per-node 2 examples/hf_trainer.py --output runs/hf-ddp   # data parallel
 
 The run directory gets what `dpft train` writes: model/ (adapter + model card), privacy.json,
 metrics.jsonl and private/ (journal, per-step losses: keep it with the data).
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--privacy-unit", choices=("record", "user"), default="record")
     parser.add_argument("--unsafe-seed", type=int, default=None, help="UNSAFE: tests only")
+    parser.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (private/checkpoints)")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
     a = parser.parse_args(argv)
 
     torch.manual_seed(0)  # the adapters' initialisation (public)
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         learning_rate=a.lr,
         lr_scheduler_type="constant",
         logging_steps=10,
-        save_strategy="no",
+        save_strategy="steps",  # dpft's checkpoint (private/checkpoints), the newest only
+        save_steps=a.save_steps,
         report_to=[],  # trackers get ε, step and learning rate only
         use_cpu=not torch.cuda.is_available(),
     )
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = DPTrainer(
         model=model, args=args, train_dataset=records, processing_class=loaded.tokenizer, privacy_args=privacy
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=a.resume)
     report = json.loads((Path(a.output) / "privacy.json").read_text())
     print(f"ε = {report['epsilon']:.3g} at δ = {report['delta']:g} after {report['steps']} steps ({a.output})")
     return report

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> dict:
         max_length=a.max_length,
         learning_rate=5e-3,
         packing=False,  # packing mixes privacy units in one row: refused
-        gradient_checkpointing=False,  # TRL defaults it to True; not yet validated on the Trainer path: refused
         logging_steps=10,
         save_strategy="no",
         report_to=[],

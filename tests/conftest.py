@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+from dpft.privacy.sampling import PoissonSampler
 from helpers import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
@@ -32,6 +33,21 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def _private_ledger(tmp_path, monkeypatch):
     """Every test gets its own budget ledger: tests never touch the user's ~/.cache/dpft."""
     monkeypatch.setenv("DPFT_LEDGER", str(tmp_path / "ledger.sqlite"))
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Every Poisson draw of this process, as (step, units)."""
+    draws: list[tuple[int, list[int]]] = []
+    original = PoissonSampler.sample
+
+    def sample(self, step):
+        units = original(self, step)
+        draws.append((step, units.tolist()))
+        return units
+
+    monkeypatch.setattr(PoissonSampler, "sample", sample)
+    return draws
 
 
 @pytest.fixture(scope="module")

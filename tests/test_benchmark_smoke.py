@@ -44,3 +44,16 @@ def test_demo_benchmarks_run_on_a_tiny_model(script: str, tmp_path: Path) -> Non
         assert all(v["wall_s"] > 0 for v in result["variants"].values()) and result["ratios"]["dp/plain"] > 0
     else:
         assert result["step_per_micro_batch"] and result["data"]["examples"] > 0
+
+
+@pytest.mark.slow
+def test_trainer_step_benchmark_times_the_three_loops(tmp_path: Path, tiny_model_dir: str) -> None:
+    out = tmp_path / "trainer_step.json"
+    script = SCRIPT.parent / "trainer_step.py"
+    cmd = [sys.executable, str(script), "--model", tiny_model_dir, "--repeats", "2", "--max-length", "128"]
+    subprocess.run([*cmd, "--json-out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"plain_trainer", "dpft_train", "dp_trainer"}
+    assert all(v["steps"] == 2 and v["s_per_step"] > 0 for v in result["variants"].values())
+    assert {"cpu", "capability", "native_bf16", "threads"} <= result["hardware"].keys()
+    assert result["ratios"]["plain_trainer_over_plain_trainer"] == 1.0

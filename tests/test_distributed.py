@@ -28,7 +28,7 @@ from dpft.errors import ConfigError
 from dpft.models.device import resolve_device
 from dpft.privacy.distributed import AllReduceSums, split_units
 from dpft.privacy.randomness import Randomness
-from dpft.privacy.sampling import PoissonSampler
+from dpft.privacy.sampling import PoissonSampler, PrivacyUnits
 from dpft.run_layout import RunPaths
 from dpft.training.config import TrainConfig
 from dpft.training.distributed import Parallel
@@ -307,6 +307,38 @@ def test_noise_is_added_once_not_on_every_rank(two_process_runs):
     add_gaussian_noise(alone, SIGMA * CLIP, Randomness.unsafe_seeded(SEED), 3)
     expected = torch.cat([t.reshape(-1) for t in alone])[:1000]
     assert torch.equal(torch.tensor(ranks[0]["noise"]["seeded"]["grad"]), expected)
+
+
+def _cap_worker(rank: int, port: int, tmp: str) -> None:
+    """Each rank draws its users' capped records from fresh OS entropy, then adopts rank 0's."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    users = 20
+    examples = [list(range(6 * u, 6 * u + 6)) for u in range(users)]
+    lengths = [3 + i % 5 for i in range(6 * users)]
+    drawn = PrivacyUnits(examples, [f"u{u}" for u in range(users)], 2, Randomness.secure(), lengths)
+    units = Parallel(rank, WORLD).agreed_units(drawn)
+    sampled = np.arange(users)
+    weights = [sum(lengths[i] for i in units.unit_examples[u]) for u in sampled]
+    out = {
+        "examples": units.unit_examples,
+        "example_unit": units.example_unit.tolist(),
+        "share": split_units(list(sampled), weights, WORLD)[rank],
+    }
+    dist.destroy_process_group()
+    (Path(tmp) / f"cap{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_every_rank_keeps_rank_0s_choice_of_each_users_records(tmp_path):
+    """Secure randomness draws each rank's cap independently (15^20 choices): without rank 0's choice on
+    every rank the token weights, and so the split of a batch, would differ, and a unit could be clipped
+    on two ranks (2C) or on none."""
+    torch.multiprocessing.spawn(_cap_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [json.loads((tmp_path / f"cap{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["examples"] == ranks[1]["examples"] and ranks[0]["example_unit"] == ranks[1]["example_unit"]
+    assert all(len(e) == 2 for e in ranks[0]["examples"])
+    assert sorted(ranks[0]["share"] + ranks[1]["share"]) == list(range(20))  # every unit on exactly one rank
 
 
 @pytest.mark.slow

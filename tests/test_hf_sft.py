@@ -38,8 +38,8 @@ def test_dp_sft_on_chat_records_trains_on_assistant_turns(tmp_path, tiny_model_d
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
         max_length=64, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-        gradient_checkpointing=False,  # TRL's default True is refused (not yet validated with the DP engine)
     )  # fmt: skip
+    assert config.gradient_checkpointing  # TRL's default: the blocks are recomputed in the backward
     privacy = PrivacyArguments(target_epsilon=8.0, delta=1e-3, expected_batch_size=6, unsafe_seed=3)
     trainer = DPSFTTrainer(
         model=model, args=config, train_dataset=chats(), processing_class=loaded.tokenizer, privacy_args=privacy
@@ -50,6 +50,7 @@ def test_dp_sft_on_chat_records_trains_on_assistant_turns(tmp_path, tiny_model_d
         assert tokenizer.decode(targets).startswith("It is ") and tokenizer.decode(targets).endswith("</s>")
         assert "What is" not in tokenizer.decode(targets)
     trainer.train()
+    assert trainer.model.is_activation_checkpointing
     report = json.loads((tmp_path / "sft" / "privacy.json").read_text())
     assert report["steps"] == 3 and report["trainer"] == "DPSFTTrainer" and 0 < report["epsilon"] <= 8.0
     assert report["num_units"] == 24 and report["sampling"] == "poisson"

@@ -9,17 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dpft
 from dpft.errors import BudgetExceededError, ConfigError
 from dpft.hf import DPTrainer, PrivacyArguments
 from dpft.hf.budget import dataset_fingerprint
+from dpft.hf.trainer import DPTrainerMixin
 from dpft.ledger import BudgetLedger
 from dpft.models import load_base_model, precision, with_lora
-from dpft.privacy.sampling import PoissonSampler
+from dpft.privacy.engine import PerUnitClipper
+from dpft.privacy.step import PrivacyStep
+from dpft.training.loss import example_losses as dpft_example_losses
 from helpers import write_records
+from test_engine import assert_grads_close, clipped_sum, norm_of, reference_unit_grads
+from test_gradient_checkpointing import count_recomputations
 
+CLIP = 0.27  # between the smallest and the largest unit norm of the checkpointing test's step
 CORE_KEYS = (
     "dp", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size",
     "steps", "planned_steps", "target_epsilon", "accountant", "segments", "sampling", "privacy_unit",
@@ -58,21 +64,6 @@ class Recorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs or {}))
-
-
-@pytest.fixture
-def sampled(monkeypatch):
-    """Every Poisson draw, as (step, units)."""
-    draws: list[tuple[int, list[int]]] = []
-    original = PoissonSampler.sample
-
-    def sample(self, step):
-        units = original(self, step)
-        draws.append((step, units.tolist()))
-        return units
-
-    monkeypatch.setattr(PoissonSampler, "sample", sample)
-    return draws
 
 
 def dp_trainer(tmp_path, tiny_model_dir, data=None, args=None, priv=None, **kwargs) -> DPTrainer:
@@ -124,6 +115,7 @@ def test_same_batches_epsilon_and_weights_as_dpft_train(tmp_path, tiny_model_dir
         ({"label_smoothing_factor": 0.1}, {}, "label_smoothing_factor"),
         ({"max_steps": 1000}, {"target_epsilon": None, "noise_multiplier": 1.0}, "target_epsilon is required"),
         ({}, {"privacy_unit": "people"}, "privacy_unit"),
+        ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, {}, "newest checkpoint"),
     ],
 )
 def test_unsafe_settings_are_refused(tmp_path, tiny_model_dir, args_extra, priv_extra, needle):
@@ -153,6 +145,13 @@ def test_a_custom_sampler_or_loss_is_refused(tmp_path, tiny_model_dir):
         Shuffled(model=model, args=training_args(tmp_path / "hf"), train_dataset=data, processing_class=tokenizer)
     with pytest.raises(ConfigError, match="compute_loss_func"):
         dp_trainer(tmp_path, tiny_model_dir, data=data, compute_loss_func=lambda *a, **k: 0)
+
+    class Wrapped(DPTrainer):  # e.g. to put DDP back: its hooks would all-reduce unclipped gradients
+        def _prepare_for_training(self, *args):
+            return Trainer._prepare_for_training(self, *args)
+
+    with pytest.raises(ConfigError, match="overrides _prepare_for_training"):
+        Wrapped(model=model, args=training_args(tmp_path / "hf"), train_dataset=data, processing_class=tokenizer)
 
 
 def test_a_micro_batch_smaller_than_a_user_is_refused(tmp_path, tiny_model_dir):
@@ -304,32 +303,60 @@ def test_the_budget_is_checked_again_when_training_starts(tmp_path, tiny_model_d
     assert [e.output for e in BudgetLedger().history(dataset_fingerprint(data))] == [str((tmp_path / "a").resolve())]
 
 
-def test_resuming_is_refused_and_says_the_old_journal_still_counts(tmp_path, tiny_model_dir):
-    trainer = dp_trainer(tmp_path, tiny_model_dir)
-    with pytest.raises(ConfigError, match="start a new output_dir") as err:
-        trainer.train(resume_from_checkpoint=True)
-    assert "journal still counts" in str(err.value) and "ledger" in str(err.value)
-    assert not (tmp_path / "hf" / "private").exists()
+class Spy:
+    """The micro-batches DPTrainer clips in its one step, and the pre-noise clipped sums."""
+
+    def __init__(self, monkeypatch):
+        self.batches: list[dict] = []
+        self.units: list[torch.Tensor] = []
+        self.sums: list[dict] = []
+        losses, backward, take = DPTrainerMixin.example_losses, PrivacyStep.backward, PerUnitClipper.take_sums
+
+        def example_losses(trainer, model, batch):
+            self.batches.append({k: v.clone() for k, v in batch.items()})
+            return losses(trainer, model, batch)
+
+        def step_backward(step, losses, unit_index):
+            self.units.append(unit_index.clone())
+            return backward(step, losses, unit_index)
+
+        def take_sums(clipper):
+            sums = take(clipper)
+            self.sums.append({n: s.clone() for n, s in sums.items()})
+            return sums
+
+        monkeypatch.setattr(DPTrainerMixin, "example_losses", example_losses)
+        monkeypatch.setattr(PrivacyStep, "backward", step_backward)
+        monkeypatch.setattr(PerUnitClipper, "take_sums", take_sums)
 
 
+def hf_losses(model, ids, mask, labels):
+    return dpft_example_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
-def test_gradient_checkpointing_is_refused(tmp_path, tiny_model_dir, name):
-    args = training_args(tmp_path / "hf", **{name: True})
-    with pytest.raises(ConfigError, match=r"gradient_checkpointing=True \(activation_checkpointing\) is not yet"):
-        dp_trainer(tmp_path, tiny_model_dir, args=args)
-    assert not (tmp_path / "hf" / "private").exists()
+def test_gradient_checkpointing_clips_as_the_per_unit_loop(tmp_path, tiny_model_dir, monkeypatch, name, reentrant):
+    """With the Trainer's checkpointing on (TRL's default), the blocks are recomputed in the backward
+    and the clipped sum of the step is still the explicit loop's, one unit at a time, without it."""
+    spy = Spy(monkeypatch)
+    kwargs = {f"{name}_kwargs": {"use_reentrant": reentrant}}
+    args = training_args(tmp_path / "hf", max_steps=1, **{name: True}, **kwargs)
+    trainer = dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(max_grad_norm=CLIP))
+    calls = count_recomputations(trainer.model)
+    trainer.train()
+    assert trainer.model.is_activation_checkpointing
+    assert spy.batches and calls["block"] == len(spy.batches) and calls["inner"] == 2 * calls["block"]  # recomputed
 
-
-def test_trl_default_gradient_checkpointing_is_refused(tmp_path, tiny_model_dir):
-    trl = pytest.importorskip("trl")
-    from dpft.hf import DPSFTTrainer
-
-    model, tokenizer = lora_model(tiny_model_dir)
-    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True)
-    assert config.gradient_checkpointing  # TRL's default
-    with pytest.raises(ConfigError, match="SFTConfig defaults it to True"):
-        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
-                     processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
+    reference, _ = lora_model(tiny_model_dir)  # the same initial weights, no checkpointing
+    batches = [
+        (b["input_ids"], b["attention_mask"], b["labels"], u) for b, u in zip(spy.batches, spy.units, strict=True)
+    ]
+    unit_grads = reference_unit_grads(reference.train(), batches, hf_losses)
+    norms = [float(norm_of(g)) for g in unit_grads]
+    assert min(norms) < CLIP < max(norms)  # some units clipped, some not
+    [sums] = spy.sums
+    assert_grads_close(sums, clipped_sum(unit_grads, CLIP), 1e-4)
 
 
 def test_bf16_only_where_native_and_fp16_never(tmp_path, tiny_model_dir, monkeypatch):

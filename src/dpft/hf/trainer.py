@@ -9,8 +9,8 @@ Each optimizer step of the Trainer is one logical DP-SGD step:
     Trainer:        optimizer.step() (guarded by the PrivacyStep hooks) → scheduler → callbacks,
                     logging, saving
 
-The Trainer's own sampler, gradient accumulation, global clipping and batch-mean loss are never
-used; settings that would bring them back are refused (`refuse_unsafe`). Losses stay private:
+The Trainer's own sampler, gradient accumulation, global clipping, batch-mean loss and DDP wrapper
+are never used; settings that would bring them back are refused (`refuse_unsafe`). Losses stay private:
 trackers see ε, the step and the learning rate, unless `log_private_diagnostics=True`.
 When `train()` starts, before any data is read, the run is checked against
 `PrivacyArguments.dataset_budget` and recorded in the dataset budget ledger with its planned spend
@@ -19,13 +19,20 @@ settings (`dpft-trainer.json`, never a seed of the DP randomness) and private/st
 written; at the end the ledger entry is replaced by the privacy journal's steps, and the rest of
 the run directory layout of `dpft train` is written into `output_dir`: model/ (weights, tokenizer,
 model card), privacy.json, metrics.jsonl and private/ (journal, train log, data stats).
+
+Checkpoints (save_strategy / save_steps) are dpft's (`training/checkpoint.py`: private/checkpoints,
+atomic, checksummed, the newest only), not the Trainer's checkpoint-N folders. `train(
+resume_from_checkpoint=True)` (or output_dir) on a trainer built again with the same data and
+settings continues from the newest one, as `dpft train --resume` does: the journal keeps every step
+that touched the data, a journalled step that never completed included, and the hard stop composes
+it. Under torchrun (args.world_size > 1) the step is spread as `dpft train` spreads it
+(`training/distributed.py`): one Poisson draw made on rank 0, the units split across ranks, one
+all-reduce of the clipped sums, noise once on rank 0, rank 0 alone writes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -34,6 +41,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
@@ -44,6 +52,7 @@ from dpft.errors import ConfigError
 from dpft.hf.arguments import PrivacyArguments
 from dpft.hf.budget import TrainerBudget, dataset_fingerprint
 from dpft.hf.data import encode_dataset
+from dpft.hf.resume import TRAINER_CONFIG, check_resumable, holds_run, settings_hash
 from dpft.ledger import BudgetLedger
 from dpft.models import precision
 from dpft.privacy.accounting import Segment
@@ -51,28 +60,31 @@ from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
 from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
+from dpft.training import checkpoint as ckpt
+from dpft.training.distributed import Parallel
 from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
 from dpft.training.report import data_report, privacy_report
-from dpft.training.run_dir import PRIVATE_README, append_row, save_model, write_json, write_model_card
+from dpft.training.run_dir import (
+    PRIVATE_README,
+    append_row,
+    save_model,
+    truncate_rows,
+    write_json,
+    write_model_card,
+)
 
 # What trackers may see without `log_private_diagnostics`: data-independent or DP quantities.
 PUBLIC_LOG_KEYS = frozenset(
     {"epsilon", "learning_rate", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 )
 DEFAULT_MAX_LENGTH = 128
-TRAINER_CONFIG = "dpft-trainer.json"  # PUBLIC: config.yaml's counterpart (settings, never the unsafe seed)
 # The TrainingArguments that shape the DP run (all set by the user, none computed from the data).
 PUBLIC_TRAINING_ARGS = (
     "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
     "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size", "max_steps",
     "num_train_epochs", "bf16", "seed",
 )  # fmt: skip
-RESUME_REFUSED = (
-    "DPTrainer cannot resume from a Trainer checkpoint yet: start a new output_dir (a fresh run). "
-    "The old run's privacy journal still counts: its steps stay recorded in the dataset budget ledger "
-    "and are composed with the new run's against dataset_budget"
-)
 
 
 @dataclass
@@ -89,7 +101,10 @@ class _DPState:
     planned_steps: int
     ledger: TrainerBudget
     planned_segments: list[Segment]
+    par: Parallel  # this process's rank (one process: the identity); rank 0 alone writes
+    settings_hash: str = ""  # of the public settings: state.json and every checkpoint hold it
     started: bool = False  # the run directory exists and the ledger holds the planned spend
+    resumed: dict | None = None  # the checkpoint's optimizer and scheduler states, until loaded
     step: PrivacyStep | None = None
     journal: PrivacyJournal | None = None
     steps_done: int = 0
@@ -122,12 +137,12 @@ class DPTrainerMixin:
         """Encode the data, group it into units and plan the mechanism (σ, q, steps)."""
         p, args = self.privacy_args, self.args
         paths = RunPaths(Path(args.output_dir))
-        _refuse_existing_run(paths)
+        par = _parallel(args)
         randomness = Randomness.secure() if p.unsafe_seed is None else Randomness.unsafe_seeded(p.unsafe_seed)
         length = p.max_length or getattr(args, "max_length", None) or DEFAULT_MAX_LENGTH
         data = encode_dataset(raw_train, self.processing_class, p, length)
         cap = p.max_records_per_user if p.privacy_unit == "user" else None
-        units = PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness)
+        units = par.agreed_units(PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness))
         units.micro_batches(range(len(units)), args.per_device_train_batch_size)  # a unit too big fails now
         q = sample_rate_for(p.expected_batch_size, len(units))
         planned = (
@@ -140,14 +155,17 @@ class DPTrainerMixin:
         mechanism, allowed = plan_mechanism(
             q, p.expected_batch_size, planned, len(units), budget, p.noise_multiplier, p.max_grad_norm
         )
-        sampler = PoissonSampler(len(units), q, randomness)
+        sampler = par.sampler(PoissonSampler(len(units), q, randomness))
         fingerprint = dataset_fingerprint(raw_train)  # once: the ledger key of this run's data
         ledger = TrainerBudget(BudgetLedger(), fingerprint, p.delta, p.accountant)
         planned_segments = [
             Segment(q, mechanism.noise_multiplier, min(planned, allowed))
         ]  # the hard stop caps the run there
-        ledger.check(planned_segments, p.dataset_budget)  # early; train() checks again before writing
-        return _DPState(paths, data, units, randomness, sampler, mechanism, budget, planned, ledger, planned_segments)
+        if not holds_run(paths):  # an existing run can only be resumed: its spend is in the ledger already
+            ledger.check(planned_segments, p.dataset_budget)  # early; train() checks again before writing
+        return _DPState(
+            paths, data, units, randomness, sampler, mechanism, budget, planned, ledger, planned_segments, par
+        )
 
     def _start_run(self) -> None:
         """Before any data is read: check the budget, write the run's settings and record its planned spend.
@@ -157,15 +175,52 @@ class DPTrainerMixin:
             BudgetExceededError: the ledger (as it is now) plus this run would pass dataset_budget.
         """
         dp, p = self._dp, self.privacy_args
-        _refuse_existing_run(dp.paths)
+        if holds_run(dp.paths):
+            raise ConfigError(
+                [f"output_dir {dp.paths.root} already holds a dpft run; give a new output_dir, or continue that "
+                 "run with train(resume_from_checkpoint=True)"]
+            )  # fmt: skip
         dp.ledger.check(dp.planned_segments, p.dataset_budget)  # the ledger may have grown since __init__
         settings = self.public_settings()
-        dp.paths.private.mkdir(parents=True, exist_ok=True)
-        (dp.paths.private / "README.txt").write_text(PRIVATE_README)
-        write_json(dp.paths.root / TRAINER_CONFIG, settings)
-        state = {"data": dp.ledger.fingerprint, "settings": _settings_hash(settings), "unsafe_seed": p.unsafe_seed}
-        write_json(dp.paths.state, state)
-        dp.ledger.record(dp.paths.root, dp.planned_segments)
+        dp.settings_hash = settings_hash(settings)
+        dp.par.barrier()  # every rank has checked before rank 0 writes
+        if dp.par.is_main:
+            dp.paths.private.mkdir(parents=True, exist_ok=True)
+            (dp.paths.private / "README.txt").write_text(PRIVATE_README)
+            write_json(dp.paths.root / TRAINER_CONFIG, settings)
+            state = {"data": dp.ledger.fingerprint, "settings": dp.settings_hash, "unsafe_seed": p.unsafe_seed}
+            write_json(dp.paths.state, state)
+            dp.ledger.record(dp.paths.root, dp.planned_segments)
+        dp.started = True
+
+    def _reopen_run(self) -> None:
+        """Continue the unfinished run in output_dir from its newest checkpoint (or its start, if none).
+
+        The journal is not touched: the steps the lost attempt journalled stay accounted, those it
+        never completed included, and the hard stop composes them. Before any data is read the
+        run's ledger entry becomes the journal's steps plus the steps still planned (conservative,
+        as at the start), and the journal's steps alone when this attempt ends. A resume is not
+        checked against dataset_budget again: the run was when it started, and its own ε stays
+        within target_epsilon (the hard stop).
+
+        Raises:
+            ConfigError: No unfinished run, or other data, settings or randomness (`check_resumable`).
+            CheckpointError: A checkpoint that is corrupted or from other settings.
+        """
+        dp = self._dp
+        settings = self.public_settings()
+        check_resumable(dp.paths, dp.ledger.fingerprint, settings, self.privacy_args.unsafe_seed)
+        dp.settings_hash = settings_hash(settings)
+        if (dp.paths.checkpoints / "latest").is_file():
+            dp.resumed, state = ckpt.restore_training(dp.paths.checkpoints, dp.settings_hash, self.model)
+            dp.steps_done, dp.batch_sizes = state["step"], list(state["batch_sizes"])
+        dp.par.barrier()  # every rank has read the checkpoint before rank 0 trims the logs
+        if dp.par.is_main:
+            truncate_rows(dp.paths.metrics, dp.steps_done)  # the steps after the checkpoint are redone
+            truncate_rows(dp.paths.train_log, dp.steps_done)
+            spent = PrivacyJournal(dp.paths.journal, dp.mechanism.segment).segments()
+            left = dp.mechanism.segment._replace(steps=max(0, dp.planned_steps - dp.steps_done))
+            dp.ledger.record(dp.paths.root, [*spent, left])  # as at the start: conservative until the end
         dp.started = True
 
     def public_settings(self) -> dict[str, Any]:
@@ -185,10 +240,55 @@ class DPTrainerMixin:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         dp = self._dp
         if dp.step is None and dp.started:  # train() attaches the guard (an earlier call has no run yet)
-            dp.journal = PrivacyJournal(dp.paths.journal, dp.mechanism.segment)
-            dp.step = PrivacyStep(self.model, dp.mechanism, dp.budget, dp.randomness, dp.journal)
+            dp.journal = dp.par.journal(PrivacyJournal(dp.paths.journal, dp.mechanism.segment))  # rank 0 writes
+            reducer = dp.par.reducer()
+            dp.step = PrivacyStep(self.model, dp.mechanism, dp.budget, dp.randomness, dp.journal, reducer=reducer)
             dp.step.attach(self.optimizer)
+            if dp.resumed is not None:
+                self.optimizer.load_state_dict(dp.resumed["optimizer"])
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The Trainer's scheduler; a resumed run's continues from its checkpoint."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self._dp.resumed is not None:
+            scheduler.load_state_dict(self._dp.resumed.pop("lr_scheduler"))
+        return scheduler
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple:
+        """The Trainer's fresh state, at the step a resumed run continues from (0 for a new run)."""
+        out = super()._init_training_state(*args, **kwargs)
+        self.state.global_step = self._dp.steps_done
+        return out
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any) -> tuple:
+        """Several processes: the model is NOT wrapped in DistributedDataParallel.
+
+        DDP's hooks would all-reduce every backward's gradients (unclipped, before the noise) and wait
+        for the same number of backwards on every rank, which the ranks' shares of a Poisson batch do
+        not have. dpft's `AllReduceSums` reduces the clipped sums once per step instead; accelerate
+        only places the model and applies autocast (`evaluation_mode=True`: no DDP).
+        """
+        if not self._dp.par.distributed:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self.create_optimizer()
+        model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.create_scheduler(num_training_steps=max_steps)
+        self.model_wrapped = model
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = train_dataloader
+        return model, train_dataloader
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """dpft's checkpoint (private/checkpoints: weights, optimizer, scheduler, the loop's private state)."""
+        dp = self._dp
+        if not dp.par.is_main:
+            return
+        state = {"step": dp.steps_done, "batch_sizes": dp.batch_sizes, "config_hash": dp.settings_hash}
+        payload = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        ckpt.save_training(dp.paths.checkpoints, dp.steps_done, self.model, payload, state)
 
     # ---- the loop ----
 
@@ -222,32 +322,33 @@ class DPTrainerMixin:
         lr = self._get_learning_rate()
         model.train()
         dp.step.begin(t)  # the hard stop and the journal line come before any data is read
-        units = dp.sampler.sample(t)
+        units = dp.sampler.sample(t)  # several processes: drawn on rank 0, the same on every rank
+        mine = dp.par.local_units(units, dp.units.unit_examples, dp.data.examples)  # all of them in one process
         losses = []
         pad = self.processing_class.pad_token_id
-        for examples, unit_index in dp.units.micro_batches(units, self.args.per_device_train_batch_size):
+        for examples, unit_index in dp.units.micro_batches(mine, self.args.per_device_train_batch_size):
             batch = collate([dp.data.examples[i] for i in examples], pad)
             batch = {k: v.to(self.args.device) for k, v in batch.items()}
             with self.compute_loss_context_manager():
                 per_example = self.example_losses(model, batch)
             dp.step.backward(per_example, unit_index.to(per_example.device))
             losses.append(per_example.detach())
-        dp.step.finish()
+        dp.step.finish()  # several processes: noise on rank 0 only, then one all-reduce of the clipped sums
         dp.steps_done = t + 1
         dp.batch_sizes.append(len(units))
-        append_row(dp.paths.metrics, {"step": t + 1, "epsilon": dp.step.epsilon, "lr": lr})
-        loss = torch.cat(losses).mean() if losses else torch.tensor(math.nan)
-        private = {
-            "step": t + 1,
-            "loss": loss.item(),
-            "batch_size": len(units),
-            "examples": dp.units.examples_of(units),
-            "seconds": round(time.perf_counter() - started, 4),
-        }
-        append_row(dp.paths.private / "train-log.jsonl", private)
-        if not self.privacy_args.log_private_diagnostics:
-            return torch.zeros((), device=self.args.device)
-        return torch.nan_to_num(loss, nan=0.0).to(self.args.device)
+        loss = dp.par.mean_loss(losses)  # the whole step's (private); a collective when distributed
+        if dp.par.is_main:
+            append_row(dp.paths.metrics, {"step": t + 1, "epsilon": dp.step.epsilon, "lr": lr})
+            private = {
+                "step": t + 1,
+                "loss": loss,
+                "batch_size": len(units),
+                "examples": dp.units.examples_of(units),
+                "seconds": round(time.perf_counter() - started, 4),
+            }
+            append_row(dp.paths.train_log, private)
+        shown = loss if self.privacy_args.log_private_diagnostics and not math.isnan(loss) else 0.0
+        return torch.tensor(shown, device=self.args.device)
 
     def example_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) losses, each example's mean over its own target tokens (never a batch mean)."""
@@ -269,24 +370,43 @@ class DPTrainerMixin:
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any) -> TrainOutput:
-        """Train to the planned steps or the budget, whichever comes first; then write the run directory."""
+        """Train to the planned steps or the budget, whichever comes first; then write the run directory.
+
+        Args:
+            resume_from_checkpoint: True (or output_dir): continue the unfinished run in output_dir
+                from its newest dpft checkpoint, with the same data and settings (see `_reopen_run`).
+            trial: Passed to the Trainer (a search needs model_init, which is refused: each trial would spend
+                budget on the same data).
+        """
         dp = self._dp
-        if resume_from_checkpoint:
-            raise ConfigError([RESUME_REFUSED])
         if dp.finished or dp.started:
             raise ConfigError(["DPTrainer.train() runs once per trainer; build a new trainer (and output_dir)"])
-        self._start_run()
+        if self._resume_requested(resume_from_checkpoint):
+            self._reopen_run()
+        else:
+            self._start_run()
+        dp.par.sync_parameters(self.model)  # every rank starts from rank 0's weights
         try:
             output = super().train(trial=trial, **kwargs)
         finally:
             if dp.step is not None:
                 dp.step.remove()
-            if dp.journal is not None:  # the steps that touched the data (each journaled before it did)
+            if dp.journal is not None and dp.par.is_main:  # the steps that touched the data, each journaled first
                 dp.ledger.record(dp.paths.root, dp.journal.segments())
         self._write_run()
         loss = output.training_loss if self.privacy_args.log_private_diagnostics else math.nan
         metrics = {k: v for k, v in output.metrics.items() if k in PUBLIC_LOG_KEYS}
         return TrainOutput(output.global_step, loss, {**metrics, "epsilon": self._dp.step.epsilon})
+
+    def _resume_requested(self, value: Any) -> bool:
+        if value is None or value is False:
+            return False
+        if value is True or Path(value).resolve() == self._dp.paths.root.resolve():
+            return True
+        raise ConfigError(
+            [f"resume_from_checkpoint={str(value)!r}: DPTrainer resumes the run in output_dir from its own "
+             "checkpoint (private/checkpoints); pass True or output_dir"]
+        )  # fmt: skip
 
     # ---- the run directory ----
 
@@ -323,16 +443,17 @@ class DPTrainerMixin:
 
     def _write_run(self) -> None:
         dp = self._dp
-        model = self.accelerator.unwrap_model(self.model)
-        peft = getattr(model, "peft_config", None)
-        base = peft["default"].base_model_name_or_path if peft else getattr(model, "name_or_path", "")
-        save_model(dp.paths, model, self.processing_class, "lora" if peft else "full", str(base))
-        report = self.privacy_report
-        report["trainer"] = type(self).__name__
-        view = self._report_view()
-        write_json(dp.paths.data_stats, data_report(view))
-        write_model_card(dp.paths, report, str(base))
-        write_json(dp.paths.privacy, report)  # last: privacy.json marks the run complete
+        if dp.par.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            peft = getattr(model, "peft_config", None)
+            base = peft["default"].base_model_name_or_path if peft else getattr(model, "name_or_path", "")
+            save_model(dp.paths, model, self.processing_class, "lora" if peft else "full", str(base))
+            report = self.privacy_report
+            report["trainer"] = type(self).__name__
+            write_json(dp.paths.data_stats, data_report(self._report_view()))
+            write_model_card(dp.paths, report, str(base))
+            write_json(dp.paths.privacy, report)  # last: privacy.json marks the run complete
+        dp.par.barrier()  # the other ranks return once rank 0 has written privacy.json
         dp.finished = True
 
 
@@ -392,20 +513,21 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
                 f"bf16=True: {args.device.type} has no native bf16 here (it would be emulated, slower than "
                 "fp32, with no tested gain); set bf16=False to train in fp32"
             )
-        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-            problems.append(
-                "gradient_checkpointing=True (activation_checkpointing) is not yet validated with dpft's per-unit "
-                "clipping engine; set gradient_checkpointing=False (TRL's SFTConfig defaults it to True); "
-                "a smaller per_device_train_batch_size also saves memory"
-            )
         if args.include_num_input_tokens_seen not in ("no", False):
             problems.append("include_num_input_tokens_seen: the realised token count is private; set it to 'no'")
         if args.label_smoothing_factor > 0:
             problems.append("label_smoothing_factor > 0: the per-example loss is the plain next-token NLL")
         if args.auto_find_batch_size:
             problems.append("auto_find_batch_size: set per_device_train_batch_size (the micro-batch) explicitly")
-        if args.world_size > 1:
-            problems.append("distributed training: DPTrainer runs on one process (the noise is added once)")
+        if args.fsdp or args.deepspeed:
+            problems.append(
+                "fsdp / deepspeed: DPTrainer's data parallelism is dpft's own (torchrun, one all-reduce of the "
+                "clipped sums, noise once); sharded training is not built"
+            )
+        if args.n_gpu > 1:
+            problems.append("several GPUs in one process (nn.DataParallel): launch one process per GPU with torchrun")
+        if args.load_best_model_at_end:
+            problems.append("load_best_model_at_end: DPTrainer keeps only its newest checkpoint (private/checkpoints)")
     if bound.get("compute_loss_func") is not None:
         problems.append("compute_loss_func: DP needs each example's own loss (dpft's example_losses)")
     if bound.get("formatting_func") is not None:
@@ -415,7 +537,8 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         )
     if bound.get("model_init") is not None:
         problems.append("model_init (hyperparameter search): each trial would spend budget on the same data")
-    for name in ("_get_train_sampler", "get_train_dataloader", "training_step", "_clip_grad_norm"):
+    loop = ("_get_train_sampler", "get_train_dataloader", "training_step", "_clip_grad_norm")
+    for name in (*loop, "_prepare_for_training"):  # the last keeps DDP's unclipped all-reduce out
         if getattr(cls, name) is not getattr(DPTrainerMixin, name, getattr(Trainer, name)):
             problems.append(f"{cls.__name__} overrides {name}: the DP sampler and step must not be replaced")
     train, evals = bound.get("train_dataset"), bound.get("eval_dataset")
@@ -426,14 +549,11 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         raise ConfigError(problems)
 
 
-def _refuse_existing_run(paths: RunPaths) -> None:
-    run_files = (paths.journal, paths.privacy, paths.state, paths.root / TRAINER_CONFIG, paths.root / "run-id")
-    if any(f.exists() for f in run_files):
-        raise ConfigError([f"output_dir {paths.root} already holds a dpft run; give a new output_dir"])
-
-
-def _settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def _parallel(args: Any) -> Parallel:
+    """One process, or this rank of a torchrun launch (the Trainer's arguments joined the process group)."""
+    if args.world_size <= 1:
+        return Parallel(device=args.device)
+    return Parallel(dist.get_rank(), dist.get_world_size(), args.device)
 
 
 def _same_data(a: Any, b: Any) -> bool:

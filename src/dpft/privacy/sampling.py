@@ -109,13 +109,23 @@ class PrivacyUnits:
     ):
         if cap is not None and cap < 1:
             raise ConfigError([f"--max-records-per-user must be at least 1, got {cap}"])
-        self.unit_examples = [
-            _capped(list(examples), cap, randomness, uid) for examples, uid in zip(unit_examples, unit_ids, strict=True)
-        ]
-        count = 1 + max((max(e) for e in unit_examples if e), default=-1)
-        self.example_unit = np.full(count, -1, dtype=np.int64)  # -1: an example the cap left out
+        self._num_examples = 1 + max((max(e) for e in unit_examples if e), default=-1)
+        self._lengths = lengths
+        self.adopt([_capped(list(e), cap, randomness, uid) for e, uid in zip(unit_examples, unit_ids, strict=True)])
+
+    def adopt(self, unit_examples: Sequence[Sequence[int]]) -> None:
+        """Hold these (capped) examples per unit: data parallelism gives every rank rank 0's choice.
+
+        Raises:
+            ValueError: Another number of units, or an example this dataset does not have.
+        """
+        if len(unit_examples) != len(getattr(self, "unit_examples", unit_examples)):
+            raise ValueError("adopt: one list of examples per unit")
+        self.unit_examples = [list(e) for e in unit_examples]
+        self.example_unit = np.full(self._num_examples, -1, dtype=np.int64)  # -1: an example the cap left out
         for u, examples in enumerate(self.unit_examples):
             self.example_unit[examples] = u
+        lengths = self._lengths
         self._longest = (
             None if lengths is None else [max((lengths[i] for i in e), default=0) for e in self.unit_examples]
         )

@@ -80,6 +80,33 @@ def load_checkpoint(root: Path, config_hash: str) -> tuple[dict[str, torch.Tenso
     return weights, optimizer, state
 
 
+def save_training(root: Path, step: int, model: torch.nn.Module, optimizer: dict, state: dict[str, Any]) -> Path:
+    """Checkpoint `step` of a training loop: the model's trainable weights, the optimizer's state
+    (the Trainer adds its scheduler's: anything `torch.load(weights_only=True)` reads back) and the
+    loop's state (which must hold `config_hash`)."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return save_checkpoint(root, step, trainable, optimizer, state)
+
+
+def restore_training(root: Path, config_hash: str, model: torch.nn.Module) -> tuple[dict, dict[str, Any]]:
+    """Copy the latest checkpoint's weights into the model's trainable parameters.
+
+    Returns:
+        The optimizer state and the loop state that `save_training` wrote.
+
+    Raises:
+        CheckpointError: As `load_checkpoint`, or weights that do not match the model's trainable ones.
+    """
+    weights, optimizer, state = load_checkpoint(root, config_hash)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise CheckpointError(f"{root}: checkpoint weights do not match the model; refusing to resume")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    return optimizer, state
+
+
 def _prune(root: Path, keep: str) -> None:
     """Keep only the newest checkpoint (they are large); leftovers of crashed writes go too."""
     for entry in root.iterdir():

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from dpft.errors import ConfigError
 from dpft.models.device import resolve_device
 from dpft.privacy.distributed import AllReduceSums, BroadcastJournal, BroadcastSampler, split_units
+from dpft.privacy.sampling import PrivacyUnits
 from dpft.privacy.sharded import ReduceScatterSums
 from dpft.training import fsdp as sharding
 
@@ -122,6 +123,20 @@ class Parallel:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def agreed_units(self, units: PrivacyUnits) -> PrivacyUnits:
+        """Rank 0's choice of each user's capped records, on every rank (before training; once).
+
+        Each rank draws the cap from its own randomness: with fresh OS entropy the ranks would keep
+        different records of a user, so `local_units` would weigh (and split) the units differently
+        on each rank, and a unit could be clipped on two ranks (2C: twice the sensitivity) or on none.
+        """
+        if not self.distributed:
+            return units
+        held = [units.unit_examples if self.is_main else None]
+        dist.broadcast_object_list(held, group_src=0)
+        units.adopt(held[0])
+        return units
 
     def local_units(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> np.ndarray:
         """This rank's share of the sampled units (all of them in a single process), balanced by tokens."""

@@ -179,7 +179,7 @@ def setup(config: TrainConfig) -> Run:
     data = encode_records(records, loaded.tokenizer, config.max_length, config.privacy_unit, config.loss_on)
     cap = config.max_records_per_user if config.privacy_unit == "user" else None
     lengths = [len(e.input_ids) for e in data.examples]
-    units = PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness, lengths)
+    units = par.agreed_units(PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness, lengths))
     units.micro_batches(range(len(units)), config.micro_batch_size)  # a unit too big fails now, not mid-run
     q = sample_rate_for(config.batch_size, len(units))
     planned = config.max_steps or max(1, math.ceil(config.epochs * len(units) / config.batch_size))
