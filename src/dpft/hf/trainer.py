@@ -241,7 +241,7 @@ class DPTrainerMixin:
         dp = self._dp
         if dp.step is None and dp.started:  # train() attaches the guard (an earlier call has no run yet)
             dp.journal = dp.par.journal(PrivacyJournal(dp.paths.journal, dp.mechanism.segment))  # rank 0 writes
-            reducer = dp.par.reducer()
+            reducer = dp.par.reducer(self.model)
             dp.step = PrivacyStep(self.model, dp.mechanism, dp.budget, dp.randomness, dp.journal, reducer=reducer)
             dp.step.attach(self.optimizer)
             if dp.resumed is not None:
