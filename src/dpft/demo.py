@@ -26,10 +26,10 @@ from dpft.training.progress import format_duration
 
 MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one such micro-batch
 # The estimate's proxy is one forward and input backward through every block of the base model.
-# Per proxy: training ~0.75 proxy per 16-record micro-batch (from the bf16 demo on a quiet 2-core CPU,
-# README of the previous round); audits of both models ~0.6 proxy per record audited (the fp32 demo
-# on an AVX2-capped EPYC: audits 292 s over 200 records at a quiet proxy of 2.36 s).
-TRAIN_FACTOR, AUDIT_PROXIES = 0.75, 0.6
+# Measured by the fp32 demo on a quiet AVX2-capped 2-core EPYC (proxy 4.94 s per 32 records):
+# training 428 s for 4404 examples = 0.63 proxy per micro-batch; audits of both models 141 s
+# for 200 records = 0.14 proxy per record.
+TRAIN_FACTOR, AUDIT_PROXIES = 0.63, 0.14
 PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
 
 
@@ -39,19 +39,19 @@ class DemoOptions:
     model: str = EMBEDDED_NAME
     patients: int = 400
     records_per_patient: tuple[int, ...] = (1, 2, 4)  # François Dupont always has 8
-    lora_layers: int | None = 10  # top third of SmolLM2's 30 blocks: the 20 below run once per record
+    lora_layers: int | None = 15  # top half of SmolLM2's 30 blocks: the 15 below run once per record
     loss_on: str = "all"  # "completion": the record text is context only, never a target
     epsilon: float = 8.0
     delta: float = 1e-5
     seed: int = 0
     dtype: str = "auto"  # compute dtype: bf16 where the CPU does it natively, else fp32
     # Non-private: a plain fine-tune, small batches of records.
-    epochs: float = 2.0
+    epochs: float = 3.0
     batch_size: int = 16
     lr: float = 1e-2
     # DP: patient-level units, each contributing at most dp_records_per_patient records; large
     # batches and a high, decaying rate, as DP-SGD wants (the noise is spread over the batch).
-    dp_epochs: float = 7.0
+    dp_epochs: float = 5.0
     dp_batch_size: int = 64
     dp_lr: float = 1e-2
     dp_records_per_patient: int = 1
@@ -60,7 +60,7 @@ class DemoOptions:
     quiet: bool = False
     canaries_per_repetition: int = 2
     one_run_canaries: int = 100
-    exposure_candidates: int = 300
+    exposure_candidates: int = 200
 
 
 def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool, dtype: str) -> TrainConfig:
@@ -229,7 +229,9 @@ def _notes(o: DemoOptions, dtype: torch.dtype) -> list[str]:
         f"Synthetic data: {o.patients} patients (seed {o.seed}) with {'/'.join(map(str, o.records_per_patient))} "
         f"records each, split by patient; utility on {o.utility_records} random held-out records; the audit scores "
         f"up to {o.audit_records} patients and records on each side, {o.exposure_candidates} random candidates "
-        "per canary.",
+        "per canary. To fit 10 minutes on 2 cores without native bf16, the demo skips two measurements "
+        "`dpft audit` makes: the generic verbatim extraction (the name → condition attack is its targeted "
+        "form here) and the likelihood ranking of each patient's condition among all conditions.",
     ]
 
 
@@ -268,6 +270,7 @@ def _assess(
                 seed=o.seed,
                 theoretical_epsilon=privacy.get("epsilon"),
                 delta=privacy.get("delta"),
+                verbatim=False,  # the name → condition attack below is the demo's targeted extraction
             ),
         }
         result["audit"]["medical"] = medical_audit(

@@ -40,6 +40,7 @@ def run_audit(
     num_candidates: int = 2000,
     secret_candidates: int = 100,
     n_boot: int = 200,
+    verbatim: bool = True,
 ) -> dict:
     """Measure what a model leaks about its training records and canaries.
 
@@ -63,6 +64,8 @@ def run_audit(
         num_candidates: random secrets scored per exposure canary.
         secret_candidates: other records' secrets ranked against each true secret, at most.
         n_boot: bootstrap resamples for confidence intervals.
+        verbatim: run the verbatim extraction (one greedy generation per audited record); a
+            scenario with its own targeted extraction may skip it.
 
     Returns:
         The audit.json content: "settings", "mia", "verbatim", "secrets", "exposure", "one_run",
@@ -84,15 +87,19 @@ def run_audit(
     was_training = model.training
     model.eval()
     try:
-        verbatim = verbatim_extraction(
-            model,
-            tokenizer,
-            mem_recs,
-            non_recs,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            n_boot=n_boot,
+        verbatim_result = (
+            verbatim_extraction(
+                model,
+                tokenizer,
+                mem_recs,
+                non_recs,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                n_boot=n_boot,
+            )
+            if verbatim
+            else None
         )
         found = (
             secret_extraction(
@@ -143,7 +150,7 @@ def run_audit(
                 "mia_unit": "record",
             },
             "mia": mia,
-            "verbatim": verbatim,
+            "verbatim": verbatim_result,
             "secrets": found,
             "exposure": exposure,
             "one_run": one_run,

@@ -32,9 +32,7 @@ def print_summary(models: dict[str, dict]) -> None:
         ("ε (theory)", lambda m: _fmt(_get(m, "privacy", "epsilon")) if _get(m, "privacy", "dp") else "∞ (no DP)"),
         ("full-answer exact match", lambda m: _fmt(_get(m, "utility", "exact_match", "full"), pct=True)),
         *_medical_rows(models),
-        ("verbatim exact: members", lambda m: _fmt(_get(m, "audit", "verbatim", "exact", "member"), pct=True)),
-        ("verbatim exact: non-members", lambda m: _fmt(_get(m, "audit", "verbatim", "exact", "non_member"), pct=True)),
-        ("verbatim advantage [95% CI]", lambda m: _with_ci(_get(m, "audit", "verbatim", "exact") or {}, "advantage")),
+        *_verbatim_rows(models),
         *_secret_rows(models),
         ("MIA AUC (loss)", lambda m: _fmt(_get(m, "audit", "mia", "loss", "auc"))),
         ("MIA AUC (reference)", lambda m: _fmt(_get(m, "audit", "mia", "reference", "auc"))),
@@ -52,6 +50,17 @@ def print_summary(models: dict[str, dict]) -> None:
 def _with_ci(d: dict, key: str) -> str:
     ci = d.get(f"{key}_ci")
     return _fmt(d.get(key)) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _verbatim_rows(models: dict[str, dict]) -> list:
+    """Verbatim extraction, when it ran (the demo skips it: its name-prefix attack is the targeted one)."""
+    if not any(_get(m, "audit", "verbatim") for m in models.values()):
+        return []
+    return [
+        ("verbatim exact: members", lambda m: _fmt(_get(m, "audit", "verbatim", "exact", "member"), pct=True)),
+        ("verbatim exact: non-members", lambda m: _fmt(_get(m, "audit", "verbatim", "exact", "non_member"), pct=True)),
+        ("verbatim advantage [95% CI]", lambda m: _with_ci(_get(m, "audit", "verbatim", "exact") or {}, "advantage")),
+    ]
 
 
 def _medical_rows(models: dict[str, dict]) -> list:
