@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import os
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,26 @@ def train_command(ctx: typer.Context, config: Path | None = None, json_out: bool
 
         raise typer.Exit(launch(cfg.nproc_per_node, _launch_args(ctx, config, json_out, values)))
     report = train(cfg)
-    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 alone reports
-        return
-    if json_out:
-        print(json.dumps(report, indent=2))
-    else:
-        _summary(report, cfg.resume or cfg.output)
+    if os.environ.get("RANK", "0") == "0":  # data-parallel: rank 0 alone reports
+        if json_out:
+            print(json.dumps(report, indent=2))
+        else:
+            _summary(report, cfg.resume or cfg.output)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_worker()
+
+
+def _exit_worker() -> None:
+    """End a torchrun worker now that the run is written: skip interpreter finalization.
+
+    Gloo keeps C++ worker threads and work objects whose teardown during finalization can abort a
+    process that finished its job ("terminate called without an active exception": twice in the
+    2-process CLI tests on a loaded machine), and torchrun then reports the whole run failed.
+    Every file of the run is written and fsynced and the process group destroyed by now.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch_args(ctx: typer.Context, config: Path | None, json_out: bool, values: dict[str, Any]) -> list[str]:
