@@ -90,6 +90,7 @@ def main() -> None:
             canaries=str(out / "can" / "canaries.jsonl"),
             secret_fields=("account",),
             max_records=None if tiny else 100,
+            exposure_candidates=2000 if tiny else 300,
             dtype=settings["common"]["dtype"],
         )
         print(json.dumps({name: summary(result)}))

@@ -79,7 +79,8 @@ def train(data: str, out, model: str, dp: bool) -> str:
 
 def audit(run: str, members: str, holdout: str, canaries: str, out, *secret: str) -> dict:
     args = ["audit", "--run", run, "--members", members, "--non-members", holdout, "--output", str(out)]
-    res = runner.invoke(app, [*args, "--canaries", f"{canaries}/canaries.jsonl", "--n-boot", "50", *secret, "--json"])
+    args += ["--canaries", f"{canaries}/canaries.jsonl", "--n-boot", "50", "--exposure-candidates", "300"]
+    res = runner.invoke(app, [*args, *secret, "--json"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -98,6 +99,7 @@ def test_plain_chat_model_reveals_its_secrets_and_dp_does_not(chat_runs):
     plain = audit(runs["plain"], members, holdout, canaries, tmp / "a-plain", "--secret-field", "account")
     dp = audit(runs["dp"], members, holdout, canaries, tmp / "a-dp", "--secret-field", "account")
     assert plain["verbatim"]["exact"]["member"] == 1.0 and plain["verbatim"]["exact"]["non_member"] == 0.0
+    assert plain["exposure"]["num_candidates"] == 300  # --exposure-candidates reaches the scorer
     assert plain["verbatim"]["exact"]["advantage_ci"][0] > 0.5
     account = plain["secrets"]["account"]
     assert account["extraction"]["member"] == 1.0 and account["extraction"]["advantage_ci"][0] > 0.5

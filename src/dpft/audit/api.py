@@ -97,6 +97,7 @@ def audit(
     seed: int = 0,
     n_boot: int = 200,
     dtype: str = "auto",
+    exposure_candidates: int = 2000,
 ) -> dict:
     """Audit a model against member and non-member files; writes audit.json and report.html in `output`.
 
@@ -106,6 +107,7 @@ def audit(
         secret_fields: field names whose values are secret (`--secret-field`).
         secret_pattern: a regular expression over the records' targets (`--secret-pattern`).
         dtype: compute dtype, auto (bf16 where the hardware does it natively, else fp32), fp32 or bf16.
+        exposure_candidates: random secrets scored per exposure canary (its cost grows with them).
 
     Returns:
         The audit (audit.json content), with the compute dtype that ran under "dtype".
@@ -134,6 +136,7 @@ def audit(
             *data,
             ref,
             secrets=spec,
+            num_candidates=exposure_candidates,
             theoretical_epsilon=privacy.get("epsilon") if privacy else None,
             delta=privacy.get("delta") if privacy else None,
             **options,

@@ -79,6 +79,9 @@ def audit(
     seed: int = typer.Option(0, "--seed", help="Seed of subsampling, candidates and bootstraps."),
     n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples of every confidence interval."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    exposure_candidates: int = typer.Option(
+        2000, "--exposure-candidates", min=2, help="Random secrets scored per exposure canary (cost grows with it)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print audit.json."),
 ) -> None:
     """Measure what a model leaks on any data: membership inference, verbatim and secret extraction,
@@ -104,6 +107,7 @@ def audit(
         seed=seed,
         n_boot=n_boot,
         dtype=dtype,
+        exposure_candidates=exposure_candidates,
     )
     if json_out:
         print(json.dumps(result))
