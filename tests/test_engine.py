@@ -237,10 +237,8 @@ def test_remove_restores_model() -> None:
     assert all(p.grad is not None for p in trainable(model).values())  # plain autograd again
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_nonfinite_unit_is_dropped(kind: str) -> None:
-    """Also where LoRA's instantiated per-unit gradients would carry the NaN into the sum."""
-    model, batch = (tiny_llama(tie=True) if kind == "full" else lora("all-linear")), make_batch(RECORDS)
+def test_nonfinite_unit_is_dropped() -> None:
+    model, batch = tiny_llama(tie=True), make_batch(RECORDS)
     clipper = PerUnitClipper(model, 1.0)
     losses = example_losses(model, *batch[:3])
     norms = clipper.backward(losses * torch.tensor([1, 1, math.nan, 1, 1, 1]), batch[3])

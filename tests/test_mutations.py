@@ -30,20 +30,6 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
-        "instantiated per-unit gradients summed without their clip factors",
-        "privacy/rules/linear.py",
-        "unit_coef = coef.new_zeros(grads.shape[0]).index_copy_(0, index, coef)",
-        "unit_coef = coef.new_ones(grads.shape[0])",
-        ("tests/test_engine_sensitivity.py::test_one_unit_moves_the_sum_by_at_most_c",),
-    ),
-    Mutation(
-        "a dropped (NaN) unit's instantiated gradients kept for the sum",
-        "privacy/engine.py",
-        "cap.unit_weight_grads = None  # formed from the unclean rows",
-        "pass  # formed from the unclean rows",
-        ("tests/test_engine.py::test_nonfinite_unit_is_dropped",),
-    ),
-    Mutation(
         "noise std σ instead of σC",
         "privacy/step.py",
         "return self.mechanism.noise_multiplier * self.mechanism.max_grad_norm",

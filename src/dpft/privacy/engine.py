@@ -249,7 +249,6 @@ def _drop_examples(captures: list[Capture], keep: Tensor) -> None:
         cap.a = None if cap.a is None else clean(cap.a)
         cap.g = None if cap.g is None else clean(cap.g)
         cap.per_example = {n: clean(v) for n, v in cap.per_example.items()}
-        cap.unit_weight_grads = None  # formed from the unclean rows: the sum recomputes from a and g
 
 
 class PlainAccumulator:

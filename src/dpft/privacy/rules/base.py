@@ -95,9 +95,6 @@ class Capture:
     a: Tensor | None = None
     g: Tensor | None = None
     per_example: dict[str, Tensor] = field(default_factory=dict)
-    # Per-unit fp32 weight gradients a rule instantiated for the norms, with the example -> unit
-    # index: the clipped sum is then formed from exactly what was measured (and costs no matmul).
-    unit_weight_grads: tuple[Tensor, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:

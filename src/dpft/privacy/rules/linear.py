@@ -118,10 +118,7 @@ def _sq_norms(cap: Capture, units: Units) -> dict[str, Tensor]:
             gram = units.gram(a, source=cap.a).flatten(1)
             out["weight"] = units.sum_pairs(torch.linalg.vecdot(gram, units.gram(g).flatten(1)))
         else:
-            grads = _unit_weight_grads(a, g, units)
-            out["weight"] = grads.square().sum((1, 2))
-            if grads.numel() <= a.numel() + g.numel():  # kept for the sum: at most the captures' size
-                cap.unit_weight_grads = (grads, units.index)
+            out["weight"] = _unit_weight_grads(a, g, units).square().sum((1, 2))
     if "bias" in cap.params:
         out["bias"] = units.sum_examples(g.sum(1, dtype=torch.float32)).square().sum(1)
     return out
@@ -138,9 +135,6 @@ def _unit_grads(cap: Capture, units: Units, name: str, *, transposed: bool) -> T
 def _clipped_sum(cap: Capture, coef: Tensor, *, transposed: bool) -> dict[str, Tensor]:
     """sum_e coef_e a_e^T g_e by one fp32 matmul: the same work as a non-private weight gradient.
 
-    Where the norms instantiated the per-unit gradients (small layers such as LoRA's A and B), the
-    sum is sum_u coef_u G_u over those very tensors instead: no second product.
-
     Strictly fp32, also under bf16 autocast: a bf16 product would round each unit's scaled share and
     the layer's sum, and that rounding depends on the other units, so one unit could move the sum by
     more than C. The CPU has no bf16 matmul with fp32 output, hence the fp32 cost in bf16 mode.
@@ -149,12 +143,7 @@ def _clipped_sum(cap: Capture, coef: Tensor, *, transposed: bool) -> dict[str, T
     out = {}
     if "bias" in cap.params:
         out["bias"] = coef @ g.sum(1, dtype=torch.float32)
-    if "weight" in cap.params and cap.unit_weight_grads is not None:
-        grads, index = cap.unit_weight_grads  # (U, out, in), measured for the norms
-        unit_coef = coef.new_zeros(grads.shape[0]).index_copy_(0, index, coef)  # one factor per unit
-        total = torch.einsum("u,uoi->oi", unit_coef, grads)
-        out["weight"] = total.t() if transposed else total
-    elif "weight" in cap.params:
+    if "weight" in cap.params:
         a, g = a.float(), g.float()
         if a.shape[-1] <= g.shape[-1]:  # scale the narrower operand
             a = a * coef[:, None, None]
