@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from dpft.models import load_base_model, with_lora
 from dpft.models.embedded import EMBEDDED_NAME
 
 HERE = Path(__file__).parent
+FORMAT_KEYS = {"text", "prompt", "completion", "messages"}  # what names a record's format
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_base_model(a.model)
     model = with_lora(loaded.model, r=8, alpha=16.0, targets="q_proj,v_proj")
     rows = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
-    columns = sorted(set().union(*rows))  # a file may mix formats: every row gets every column (None if absent)
+    # TRL reads one record format per dataset (a "text" column wins over prompt/completion, and a row
+    # without text then breaks it): keep the file's most common format, e.g. the bundled medical file's
+    # prompt/completion records without its text canaries.
+    formats = Counter(frozenset(k for k in r if k in FORMAT_KEYS) for r in rows)
+    keep = formats.most_common(1)[0][0]
+    rows = [r for r in rows if frozenset(k for k in r if k in FORMAT_KEYS) == keep]
+    columns = sorted(set().union(*rows))
     records = Dataset.from_list([{c: row.get(c) for c in columns} for row in rows])
 
     config = SFTConfig(
