@@ -1,7 +1,7 @@
 """DP supervised fine-tuning with TRL: `DPSFTTrainer` (an `SFTTrainer`) + `PrivacyArguments`.
 
     pip install 'dpft[trl]'
-    python examples/trl_sft.py --output runs/sft                   # embedded SmolLM2, bundled chats
+    python examples/trl_sft.py --output runs/sft                   # embedded SmolLM2, bundled records
     python examples/trl_sft.py --model path/to/tiny --max-steps 2 --output /tmp/sft
 
 Chat records (`messages`) are trained with the loss on the assistant turns; packing is refused.
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--unsafe-seed", type=int, default=None, help="UNSAFE: tests only")
     a = parser.parse_args(argv)
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_train_epochs=a.epochs,
         max_steps=a.max_steps,
         max_length=a.max_length,
-        learning_rate=5e-3,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",  # few noisy steps: a decay to 0 spends half of them at a tiny lr
         packing=False,  # packing mixes privacy units in one row: refused
         logging_steps=10,
         save_strategy="no",
