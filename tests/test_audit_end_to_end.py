@@ -130,6 +130,16 @@ def test_utility_of_a_model_that_memorised_its_record(tok, memorised):
     assert untrained["valid_format"] == 0.0 and untrained["loss"] > 3
 
 
+def test_utility_per_record_matches_are_the_means_parts(tok, memorised):
+    """per_record: one bool per answered record, in order; the exact match is their mean."""
+    other = record("Bo", "Chen", "asthma", "p2")  # never trained on: the model answers Ana Lima's
+    out = evaluate_utility(memorised, tok, [RECORD, other], fields=UTILITY_FIELDS, max_new_tokens=48, per_record=True)
+    assert out["per_record"]["full"] == [True, False] and out["per_record"]["last_name"] == [True, False]
+    for name, values in out["per_record"].items():
+        assert out["exact_match"][name] == sum(values) / len(values)
+    assert "per_record" not in evaluate_utility(memorised, tok, [RECORD], max_new_tokens=48)
+
+
 def audit_inputs() -> tuple[list[dict], list[dict], list[dict]]:
     """Members (Dupont thrice, four patients, a text record), four non-members, ten canaries."""
     names = [

@@ -31,6 +31,7 @@ def evaluate_utility(
     fields: Sequence[str] = (),
     batch_size: int = 16,
     max_new_tokens: int | None = None,
+    per_record: bool = False,
 ) -> dict:
     """Held-out loss and perplexity, and exact match of greedy answers, whole and per field.
 
@@ -41,12 +42,14 @@ def evaluate_utility(
         fields: field names compared one by one (`key: "value"` or JSON `"key": value`).
         batch_size: sequences per batch.
         max_new_tokens: tokens generated per prompt; default: the longest answer's, plus 2.
+        per_record: also return each answered record's matches (for paired comparisons of models).
 
     Returns:
         {"records", "answers", "fields", "exact_match": {"full", <field>...}, "valid_format",
         "loss", "perplexity"}; loss is the mean NLL over all trained tokens (eos included),
         perplexity its exponential; exact_match and valid_format (every named field found in the
         answer) are None without records that have an answer, valid_format also without fields.
+        With per_record: "per_record": {"full", <field>...}, one bool per answered record, in order.
 
     Raises:
         DpftError: if there are no records.
@@ -62,15 +65,16 @@ def evaluate_utility(
     outs = greedy_generate(
         model, tokenizer, [p.context for p in probes], batch_size, max_new_tokens or min(longest, MAX_ANSWER_TOKENS)
     )
-    exact = {"full": _mean([o.strip() == p.target.strip() for o, p in zip(outs, probes, strict=True)])}
+    matches = {"full": [o.strip() == p.target.strip() for o, p in zip(outs, probes, strict=True)]}
     found = {name: [find_secret(f, o) for o in outs] for name, f in finders.items()}
     for name, finder in finders.items():
         want = [find_secret(finder, p.target) for p in probes]
-        exact[name] = _mean(
-            [g is not None and w is not None and g[1] == w[1] for g, w in zip(found[name], want, strict=True)]
-        )
+        matches[name] = [
+            g is not None and w is not None and g[1] == w[1] for g, w in zip(found[name], want, strict=True)
+        ]
+    exact = {name: _mean(values) for name, values in matches.items()}
     valid = _mean([all(found[n][i] is not None for n in finders) for i in range(len(outs))]) if finders else None
-    return {
+    result = {
         "records": len(records),
         "answers": len(probes),
         "fields": list(finders),
@@ -79,6 +83,9 @@ def evaluate_utility(
         "loss": loss,
         "perplexity": math.exp(loss),
     }
+    if per_record:
+        result["per_record"] = {name: [bool(v) for v in values] for name, values in matches.items()}
+    return result
 
 
 def _held_out_loss(model, tokenizer, records: Sequence[dict], batch_size: int) -> float:
