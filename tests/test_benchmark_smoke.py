@@ -57,3 +57,71 @@ def test_trainer_step_benchmark_times_the_three_loops(tmp_path: Path, tiny_model
     assert all(v["steps"] == 2 and v["s_per_step"] > 0 for v in result["variants"].values())
     assert {"cpu", "capability", "native_bf16", "threads"} <= result["hardware"].keys()
     assert result["ratios"]["plain_trainer_over_plain_trainer"] == 1.0
+
+
+def _utility_module():
+    """benchmarks/utility.py imported by path (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utility_benchmark", SCRIPT.parent / "utility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_utility_benchmark_statistics():
+    """Wilson intervals at known values, the paired bootstrap of DP/plain, one held-out record per patient."""
+    u = _utility_module()
+    z2 = u.Z95**2
+    assert u.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert u.wilson_interval(0, 8) == pytest.approx([0.0, z2 / (8 + z2)])
+    assert u.wilson_interval(8, 8) == pytest.approx([8 / (8 + z2), 1.0])
+    assert u.wilson_interval(0, 8)[0] == 0.0 and u.wilson_interval(8, 8)[1] == 1.0  # exactly: 0 <= p <= 1 holds
+    half = u.paired_ratio([True, True, False, False] * 5, [True] * 20, n_boot=500, seed=0)
+    assert half["ratio"] == 0.5 and half["difference"] == -0.5
+    assert 0.2 < half["ratio_ci"][0] < 0.5 < half["ratio_ci"][1] < 0.8 and half["resamples_dropped"] == 0
+    same = u.paired_ratio([True, False] * 10, [True, False] * 10, n_boot=500, seed=0)
+    assert same["ratio"] == 1.0 and same["ratio_ci"] == [1.0, 1.0]  # paired: the same records for both
+    assert u.paired_ratio([True] * 4, [False] * 4, n_boot=50, seed=0)["ratio"] is None
+    holdout = [{"user_id": f"P{i // 3}"} for i in range(30)]  # 10 patients, 3 records each
+    sample = u.holdout_sample(holdout, 6, seed=0)
+    assert len({holdout[i]["user_id"] for i in sample}) == 6 == len(sample) and sample == sorted(sample)
+    assert sample == u.holdout_sample(holdout, 6, seed=0) and len(u.holdout_sample(holdout, 50, seed=0)) == 10
+
+
+@pytest.mark.slow
+def test_utility_benchmark_runs_on_a_tiny_model(tmp_path: Path, tiny_model_dir: str) -> None:
+    out = tmp_path / "utility"
+    cmd = [sys.executable, str(SCRIPT.parent / "utility.py"), "--model", tiny_model_dir, "--output", str(out)]
+    cmd += ["--patients", "40", "--records-per-patient", "1,2", "--plain-epochs", "1", "--dp-epochs", "1"]
+    cmd += ["--batch-size", "8", "--dp-batch-size", "8", "--lora-layers", "1", "--holdout-sample", "6"]
+    cmd += ["--device", "cpu", "--quiet"]  # --epsilons: the default 8,3
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((out / "utility.json").read_text())
+    assert {"cpu", "capability", "native_bf16", "threads", "device", "dtype"} <= result["machine"].keys()
+    assert result["machine"]["device"] == "cpu" and result["machine"]["dtype"] in ("fp32", "bf16")
+    assert set(result["models"]) == {"plain", "dp-eps8", "dp-eps3"}
+    plain = result["models"]["plain"]
+    for name, m in result["models"].items():
+        full, (lo, hi) = m["exact_match"]["full"], m["exact_match_ci"]
+        assert m["records"] == 6 and m["correct"] == round(full * 6) and lo <= full <= hi, name
+        assert {"last_name", "condition"} <= m["exact_match"].keys() and len(m["per_record"]) == 6
+        privacy = json.loads((Path(m["run"]) / "privacy.json").read_text())
+        assert m["epsilon"] == privacy["epsilon"] and m["steps"] == privacy["steps"] > 0
+        if name == "plain":
+            assert privacy["dp"] is False and m["epsilon"] is None and "dp_over_plain" not in m
+            continue
+        assert privacy["dp"] is True and privacy["privacy_unit"] == "user" and privacy["max_records_per_user"] == 1
+        assert m["target_epsilon"] == privacy["target_epsilon"] and 0 < m["epsilon"] <= m["target_epsilon"]
+        ratio = m["dp_over_plain"]
+        assert {"ratio", "ratio_ci", "difference", "difference_ci"} <= ratio.keys()
+        if plain["exact_match"]["full"]:  # a tiny model often matches nothing: then there is no ratio
+            assert ratio["ratio"] == pytest.approx(full / plain["exact_match"]["full"])
+        else:
+            assert ratio["ratio"] is None and ratio["ratio_ci"] is None
+    assert result["models"]["dp-eps3"]["noise_multiplier"] > result["models"]["dp-eps8"]["noise_multiplier"]
+    lines = done.stdout.splitlines()
+    assert sum("fine-tune" in line for line in lines) == 3 and sum("evaluation" in line for line in lines) == 3
+    assert any(line.startswith("| dp-eps3 | 3 |") for line in lines) and "Ran on: CPU" in done.stdout
+    prompts = [json.loads(line)["prompt"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert not any(p in done.stdout + done.stderr for p in prompts)  # no training text in the output
