@@ -51,7 +51,7 @@ def _step(model: torch.nn.Module, mechanism, randomness: Randomness):
     from dpft.privacy.sharded import ReduceScatterSums
     from dpft.privacy.step import Budget, MemoryJournal, PrivacyStep
 
-    reducer = ReduceScatterSums(trainable(model))
+    reducer = ReduceScatterSums(model)
     return PrivacyStep(model, mechanism, Budget(1e-5), randomness, MemoryJournal(), reducer=reducer)
 
 
@@ -310,7 +310,7 @@ def test_reducer_refuses_parameters_that_are_not_sharded(tmp_path):
     from dpft.privacy.sharded import ReduceScatterSums
 
     with pytest.raises(ValueError, match="sharded on dim 0"):
-        ReduceScatterSums(dict(torch.nn.Linear(2, 2).named_parameters()))
+        ReduceScatterSums(torch.nn.Linear(2, 2))
 
 
 def test_cli_passes_fsdp_to_every_rank(monkeypatch, tmp_path):
