@@ -171,7 +171,14 @@ MUTATIONS = [
         "        add_gaussian_noise(list(rows.values()), self._noise_std, self._randomness, self._step, "
         "[shards[n] for n in rows])\n"
         "        return norms",
-        ("tests/test_fsdp.py::test_two_sharded_processes_equal_one",),
+        ("tests/test_fsdp.py::test_micro_batches_sharded_equal_the_per_unit_loop_and_one_process",),
+    ),
+    Mutation(
+        "FSDP: the engine hands the sums over at the micro-batch's end (the whole model in full shape)",
+        "privacy/engine.py",
+        "                    if left[key] == 0:\n",
+        "                    if False:\n",
+        ("tests/test_fsdp.py::test_no_full_shape_sum_outlives_its_micro_batch",),
     ),
     Mutation(
         "FSDP: the clipped sums are not summed over the ranks (each rank keeps its own rows)",
