@@ -174,6 +174,48 @@ def test_two_micro_batches_accumulate() -> None:
     check_against_reference(tiny_llama(tie=True), batches)
 
 
+class RecordingSink:
+    """A `SumSink` that keeps what it is handed: (name, sum) per parameter, None at a micro-batch's end."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Tensor] | None] = []
+
+    def add(self, name: str, clipped: Tensor) -> None:
+        self.events.append((name, clipped.clone()))
+
+    def end_micro_batch(self) -> None:
+        self.events.append(None)
+
+
+def test_a_sink_gets_each_parameters_micro_batch_sum_once() -> None:
+    model, batches = tiny_llama(tie=True), [make_batch(USERS, seed=1), make_batch([0, 1, 1, 2], seed=2, length=9)]
+    params = trainable(model)
+    accumulated = PerUnitClipper(model, 1.0)
+    for batch in batches:
+        accumulated.backward(example_losses(model, *batch[:3]), batch[3])
+    want = accumulated.take_sums()
+    accumulated.remove()
+    sink = RecordingSink()
+    clipper = PerUnitClipper(model, 1.0, sink)
+    for batch in batches:
+        clipper.backward(example_losses(model, *batch[:3]), batch[3])
+        assert not clipper._sums  # nothing is kept between micro-batches
+    with pytest.raises(RuntimeError, match="sink"):
+        clipper.take_sums()
+    clipper.remove()
+    ends = [i for i, event in enumerate(sink.events) if event is None]
+    assert ends == [len(params), 2 * len(params) + 1]  # every parameter once, then the end, per micro-batch
+    got = {n: torch.zeros(p.shape) for n, p in params.items()}
+    for start in (0, ends[0] + 1):
+        handed = sink.events[start : start + len(params)]
+        assert sorted(n for n, _ in handed) == sorted(params)
+        assert all(t.dtype == torch.float32 and t.shape == params[n].shape for n, t in handed)
+        assert handed[-1][0] == "model.embed_tokens.weight"  # tied: complete with the LM head, last
+        for name, t in handed:
+            got[name] += t
+    assert_grads_close(got, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["llama-tied", "gpt2", "lora-qv"])
 def test_bf16_autocast_matches_fp32_reference(name: str) -> None:
     model, batch = MODELS[name](), make_batch(USERS)

@@ -5,6 +5,11 @@ Every test here runs 2 gloo processes on CPU (one `torch.multiprocessing.spawn` 
   weights, then `ReduceScatterSums`) equal the explicit per-unit loop on the unsharded model, for
   full fine-tuning (tied embeddings) and LoRA over a sharded frozen base; the optimizer steps the
   shards to the single-process result;
+- several micro-batches per step (a rank's idle pass included): the clipped sums are
+  reduce-scattered into each rank's fp32 rows after every micro-batch, no full-shape sum outlives
+  its micro-batch (nor more than about one bucket of them its parameters' completion), the step
+  equals the single-process step with the same seeded noise, and under bf16 (autocast, or bf16
+  weights) the sums stay fp32 and match the fp32 per-unit loop;
 - noise once per coordinate: on a zero-gradient step the gathered gradient has std σC (not
   √2·σC), and in seeded mode it is exactly the single-process draw, across uneven shards;
 - `dpft train --fsdp` on 2 processes equals the 1-process run with the same unsafe seed (same
@@ -16,8 +21,10 @@ Every test here runs 2 gloo processes on CPU (one `torch.multiprocessing.spawn` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
+import math
 import os
 import socket
 from dataclasses import replace
@@ -47,11 +54,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _step(model: torch.nn.Module, mechanism, randomness: Randomness):
+def _step(model: torch.nn.Module, mechanism, randomness: Randomness, **reducer_options):
     from dpft.privacy.sharded import ReduceScatterSums
     from dpft.privacy.step import Budget, MemoryJournal, PrivacyStep
 
-    reducer = ReduceScatterSums(trainable(model))
+    reducer = ReduceScatterSums(model, **reducer_options)
     return PrivacyStep(model, mechanism, Budget(1e-5), randomness, MemoryJournal(), reducer=reducer)
 
 
@@ -115,6 +122,106 @@ def _sharded_sums(rank: int, tmp: Path) -> None:
         step.remove()
 
 
+# One logical step in micro-batches: 6 units (users) of 9 examples; rank 0 runs two micro-batches
+# and an idle pass, rank 1 three; the single process runs all five.
+MICRO_UNITS = [0, 0, 1, 2, 3, 3, 3, 4, 5]
+MICRO_BATCHES = {0: [[0], [1, 2]], 1: [[3], [4], [5]]}
+MICRO_BUCKET = 4096  # elements: the tiny Llama's sums in 7 buckets, its tied embedding (8192) one alone
+MICRO_VARIANTS = ["fp32", "bf16-autocast", "bf16-weights"]
+
+
+def _micro_batch(batch, units: list[int]):
+    """The examples of `units`, with their unit index renumbered 0..U-1 for the micro-batch."""
+    *inputs, unit_index = batch
+    mine = torch.isin(unit_index, torch.tensor(units))
+    return [x[mine] for x in inputs], torch.unique(unit_index[mine], return_inverse=True)[1]
+
+
+def _idle_losses(model: torch.nn.Module) -> torch.Tensor:
+    """As the recipe's idle pass: one pad token, loss × 0 (the sums are unchanged)."""
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum(dim=(1, 2)) * 0.0
+
+
+def _keep_pre_noise_rows(reducer) -> dict[str, torch.Tensor]:
+    """A copy of the rows `finish` takes from the reducer, before it noises them in place."""
+    taken: dict[str, torch.Tensor] = {}
+    take = reducer.take
+
+    def recording() -> dict[str, torch.Tensor]:
+        rows = take()
+        taken.update({n: r.clone() for n, r in rows.items()})
+        return rows
+
+    reducer.take = recording
+    return taken
+
+
+def _micro_batch_steps(rank: int, tmp: Path) -> None:
+    """Each variant: the per-unit loop and the one-process step on an unsharded copy, then the same
+    logical step sharded over 2 ranks, with what the engine and the reducer hold after each pass."""
+    from dpft.privacy.sharded import rows_of
+    from dpft.privacy.step import Budget, Mechanism, MemoryJournal, PrivacyStep
+    from dpft.training.fsdp import shard_model
+
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for variant in MICRO_VARIANTS if bf16 else MICRO_VARIANTS[:1]:
+        model = tiny_llama(tie=True)
+        if variant == "bf16-weights":
+            model = model.to(torch.bfloat16)
+        batch = make_batch(MICRO_UNITS, seed=3)
+        reference = copy.deepcopy(model).float()  # the same weights, fp32: the exact clipped sums
+        unit_grads = reference_unit_grads(reference, [batch])
+        c = float(torch.stack([norm_of(g) for g in unit_grads]).median())  # some units clipped, some not
+        sigma = SIGMA if variant == "fp32" else 0.0  # bf16: σ = 0, B = 1, the gradient is the sum
+        mechanism = Mechanism(0.5, 4.0 if sigma else 1.0, sigma, c)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16-autocast")
+
+        single = PrivacyStep(reference, mechanism, Budget(1e-5), Randomness.unsafe_seeded(SEED), MemoryJournal())
+        single.begin(0)
+        for units in MICRO_BATCHES[0] + MICRO_BATCHES[1]:
+            inputs, local = _micro_batch(batch, units)
+            single.backward(example_losses(reference, *inputs), local)
+        single.finish()
+        one_process = {n: p.grad.clone() for n, p in trainable(reference).items()}
+        single.remove()
+
+        shard_model(model)
+        step = _step(model, mechanism, Randomness.unsafe_seeded(SEED), bucket_elements=MICRO_BUCKET)
+        reducer = step._reducer
+        taken = _keep_pre_noise_rows(reducer)
+        passes = [_micro_batch(batch, units) for units in MICRO_BATCHES[rank]]
+        held = []
+        step.begin(0)
+        for i in range(max(len(b) for b in MICRO_BATCHES.values())):
+            with autocast:
+                if i < len(passes):
+                    inputs, local = passes[i]
+                    losses = example_losses(model, *inputs)
+                else:
+                    losses, local = _idle_losses(model), torch.zeros(1, dtype=torch.long)
+            step.backward(losses, local)
+            held.append(
+                {
+                    "engine": len(step._engine._sums), "pending": len(reducer._pending), "held": reducer.held,
+                    "rows": {n: (tuple(r.shape), r.dtype) for n, r in reducer._rows.items()},
+                }
+            )  # fmt: skip
+        step.finish()
+        sharded = {n: p.grad.full_tensor() for n, p in trainable(model).items()}  # collective
+        shapes = {n: tuple(p.shape) for n, p in trainable(model).items()}
+        result = {
+            "taken": taken, "held": held, "calls": reducer.calls, "buckets": len(reducer._buckets),
+            "peak": reducer.peak_held, "shapes": shapes, "grad_dtypes": {n: p.grad.dtype for n, p in trainable(model).items()},
+            "local": {n: (rows_of(shape[0], WORLD, rank)[1], *shape[1:]) for n, shape in shapes.items()},
+        }  # fmt: skip
+        if rank == 0:
+            result.update(want=clipped_sum(unit_grads, c), one_process=one_process, sharded=sharded)
+        torch.save(result, tmp / f"micro-{variant}-rank{rank}.pt")
+        step.remove()
+    (tmp / "micro-bf16").write_text(str(bf16))
+
+
 def _zero_gradient_noise(rank: int, tmp: Path) -> None:
     """A step with no unit on any rank, uneven shards (257 rows over 2 ranks): the noise alone."""
     from dpft.privacy.step import Mechanism
@@ -146,6 +253,7 @@ def _scenarios(tmp: Path, model_dir: str) -> dict[str, TrainConfig]:
         "uncapped": replace(lora_run, epsilon=None, noise_multiplier=1.0),  # a resume may run past 5 steps
         "sparse": replace(lora_run, batch_size=1),  # q = 1/40: most steps leave a rank (or both) idle
         "checkpointed": replace(lora_run, full=True, lr=1e-3, gradient_checkpointing=True),
+        "micro": replace(lora_run, full=True, lr=1e-3, micro_batch_size=1),  # ~4 micro-batches per rank a step
     }
 
 
@@ -157,7 +265,7 @@ def _recipe_runs(tmp: Path, model_dir: str) -> None:
     """Each scenario with --fsdp; then a LoRA run that crashes after step 4 and is resumed."""
     from dpft.training import recipe
 
-    for name in ("lora", "full", "sparse", "checkpointed"):
+    for name in ("lora", "full", "sparse", "checkpointed", "micro"):
         config = _scenarios(tmp, model_dir)[name]
         recipe.train(replace(config, output=str(tmp / f"{name}-fsdp"), fsdp=True))
     original = recipe._train_step
@@ -182,6 +290,7 @@ def _worker(rank: int, port: int, tmp: str, model_dir: str) -> None:
     # a rank left waiting in a collective fails the test after 2 minutes instead of hanging it
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     _sharded_sums(rank, Path(tmp))
+    _micro_batch_steps(rank, Path(tmp))
     (Path(tmp) / f"plain-reductions-{rank}").write_text(str(_plain_backward_reduces(rank)))
     _zero_gradient_noise(rank, Path(tmp))
     _recipe_runs(Path(tmp), model_dir)
@@ -231,6 +340,60 @@ def test_noise_is_added_once_per_coordinate(fsdp_runs):
         assert torch.equal(got, want)  # the one-process draw, coordinate for coordinate
 
 
+def _micro(fsdp_runs: Path, variant: str) -> list[dict]:
+    if variant != "fp32" and (fsdp_runs / "micro-bf16").read_text() != "True":
+        pytest.skip("this CPU has no native bf16")
+    return [torch.load(fsdp_runs / f"micro-{variant}-rank{r}.pt") for r in range(WORLD)]
+
+
+def _gathered(ranks: list[dict]) -> dict[str, torch.Tensor]:
+    """The pre-noise sums of the step: the ranks' fp32 rows, stacked."""
+    return {n: torch.cat([r["taken"][n] for r in ranks]) for n in ranks[0]["taken"]}
+
+
+@pytest.mark.slow
+def test_micro_batches_sharded_equal_the_per_unit_loop_and_one_process(fsdp_runs):
+    ranks = _micro(fsdp_runs, "fp32")
+    main = ranks[0]
+    for name, want in main["want"].items():  # the step's sums over 5 micro-batches of 2 ranks
+        scale = float(want.abs().max()) + 1e-12
+        torch.testing.assert_close(_gathered(ranks)[name], want, rtol=1e-4, atol=1e-4 * scale, msg=name)
+    for name, want in main["one_process"].items():  # the same seeded noise, once: the one-process step
+        scale = float(want.abs().max())
+        torch.testing.assert_close(main["sharded"][name], want, rtol=1e-5, atol=1e-5 * scale, msg=name)
+    for rank in ranks:  # one reduce-scatter per bucket per pass, idle pass included: ranks in lockstep
+        assert rank["buckets"] == 7 and rank["calls"] == 3 * 7
+
+
+@pytest.mark.slow
+def test_no_full_shape_sum_outlives_its_micro_batch(fsdp_runs):
+    ranks = _micro(fsdp_runs, "fp32")
+    total = sum(math.prod(shape) for shape in ranks[0]["shapes"].values())
+    for rank in ranks:
+        for held in rank["held"]:  # after every pass: the engine and the reducer hold this rank's rows only
+            assert held["engine"] == held["pending"] == held["held"] == 0
+            assert held["rows"].keys() == rank["shapes"].keys()
+            for name, (shape, dtype) in held["rows"].items():
+                assert shape == rank["local"][name] and shape[0] < rank["shapes"][name][0], name
+                assert dtype == torch.float32
+        # within a pass, the full-shape sums leave bucket by bucket: at most one bucket, or the
+        # largest parameter (the tied embedding, 8192), of the model's 26,784 elements at once
+        assert rank["peak"] <= max(MICRO_BUCKET, *(math.prod(s) for s in rank["shapes"].values())) < total / 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["bf16-autocast", "bf16-weights"])
+def test_bf16_sharded_sums_stay_fp32_and_match_the_per_unit_loop(fsdp_runs, variant):
+    ranks = _micro(fsdp_runs, variant)
+    got, want = _gathered(ranks), ranks[0]["want"]
+    assert all(t.dtype == torch.float32 for t in got.values())
+    assert all(h["rows"][n][1] == torch.float32 for h in ranks[0]["held"] for n in h["rows"])
+    diff = norm_of({n: got[n] - want[n] for n in want})
+    assert diff <= 1e-2 * norm_of(want)  # 0.3-0.5% measured: bf16 activations, fp32 sums
+    weights = torch.bfloat16 if variant == "bf16-weights" else torch.float32
+    assert set(ranks[0]["grad_dtypes"].values()) == {weights}  # rounded once, after the noise
+
+
 def _single(tmp: Path, model_dir: str, name: str) -> Path:
     from dpft.training import recipe
 
@@ -256,7 +419,7 @@ def _assert_same_weights(one: Path, two: Path, atol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lora", "full", "sparse", "checkpointed"])
+@pytest.mark.parametrize("name", ["lora", "full", "sparse", "checkpointed", "micro"])
 def test_two_sharded_processes_equal_one(fsdp_runs, tiny_model_dir, name, one_torch_thread):
     one, two = _single(fsdp_runs, tiny_model_dir, name), fsdp_runs / f"{name}-fsdp"
     assert json.loads((two / "privacy.json").read_text()) == json.loads((one / "privacy.json").read_text())
@@ -310,7 +473,7 @@ def test_reducer_refuses_parameters_that_are_not_sharded(tmp_path):
     from dpft.privacy.sharded import ReduceScatterSums
 
     with pytest.raises(ValueError, match="sharded on dim 0"):
-        ReduceScatterSums(dict(torch.nn.Linear(2, 2).named_parameters()))
+        ReduceScatterSums(torch.nn.Linear(2, 2))
 
 
 def test_cli_passes_fsdp_to_every_rank(monkeypatch, tmp_path):

@@ -162,12 +162,23 @@ MUTATIONS = [
         ("tests/test_distributed.py::test_noise_is_added_once_not_on_every_rank",),
     ),
     Mutation(
-        "FSDP: every rank noises its whole partial sum before the reduce-scatter",
+        "FSDP: each rank noises its rows after every micro-batch, not once at the step's end",
         "privacy/step.py",
-        "        rows = reducer.scatter(list(sums.values()))\n",
-        "        add_gaussian_noise(list(sums.values()), self._noise_std, self._randomness, "
-        "self._step)\n        rows = reducer.scatter(list(sums.values()))\n",
-        ("tests/test_fsdp.py::test_noise_is_added_once_per_coordinate",),
+        "        return self._engine.backward(example_losses, unit_index)",
+        "        norms = self._engine.backward(example_losses, unit_index)\n"
+        "        rows = getattr(self._reducer, '_rows', {})\n"
+        "        shards = dict(zip(getattr(self._reducer, 'names', []), getattr(self._reducer, 'shards', [])))\n"
+        "        add_gaussian_noise(list(rows.values()), self._noise_std, self._randomness, self._step, "
+        "[shards[n] for n in rows])\n"
+        "        return norms",
+        ("tests/test_fsdp.py::test_micro_batches_sharded_equal_the_per_unit_loop_and_one_process",),
+    ),
+    Mutation(
+        "FSDP: the engine hands the sums over at the micro-batch's end (the whole model in full shape)",
+        "privacy/engine.py",
+        "                    if left[key] == 0:\n",
+        "                    if False:\n",
+        ("tests/test_fsdp.py::test_no_full_shape_sum_outlives_its_micro_batch",),
     ),
     Mutation(
         "FSDP: the clipped sums are not summed over the ranks (each rank keeps its own rows)",

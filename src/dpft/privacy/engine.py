@@ -5,12 +5,16 @@ Each trainable module's forward is replaced by one whose backward records what i
 per-unit norms over all parameters (tied ones included) -> clip factors -> the clipped sum, one
 matmul per layer, accumulated in fp32 until `take_sums`. Noise and scaling happen in `privacy/step.py`,
 on the fp32 sums: nothing is rounded to the weights' dtype before the noise is added.
+
+With a `SumSink` (FSDP2: `privacy/sharded.py`), nothing is accumulated here: each parameter's
+clipped sum over a micro-batch is handed to the sink as soon as the last layer using it is summed,
+and the sink is told when the micro-batch ends.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import combinations
 from typing import Protocol
 
@@ -30,6 +34,17 @@ class GradAccumulator(Protocol):
     def backward(self, example_losses: Tensor, unit_index: Tensor) -> Tensor: ...
     def take_sums(self) -> dict[str, Tensor]: ...
     def remove(self) -> None: ...
+
+
+class SumSink(Protocol):
+    """Takes the clipped sums micro-batch by micro-batch instead of the engine (FSDP2: sharded sums).
+
+    `add` gets each parameter's clipped sum over the micro-batch (full shape, fp32) once, complete,
+    in the order the parameters complete; `end_micro_batch` follows the micro-batch's last `add`.
+    """
+
+    def add(self, name: str, clipped: Tensor) -> None: ...
+    def end_micro_batch(self) -> None: ...
 
 
 def make_accumulator(model: nn.Module, max_grad_norm: float | None) -> GradAccumulator:
@@ -58,13 +73,15 @@ class PerUnitClipper:
         model: the model; every module owning a trainable parameter is attached (restored by
             `remove`).
         max_grad_norm: the clipping bound C > 0.
+        sink: where each micro-batch's clipped sums go, parameter by parameter, instead of being
+            accumulated here (then `take_sums` is not available).
 
     Raises:
         ConfigError: C is not positive, the model has a trainable module dpft cannot clip, or a
             module that mixes the examples of a batch (`dpft.privacy.layers.mixes_examples`).
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float):
+    def __init__(self, model: nn.Module, max_grad_norm: float, sink: SumSink | None = None):
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ConfigError([f"max_grad_norm must be a positive number, got {max_grad_norm}"])
         self.max_grad_norm = float(max_grad_norm)
@@ -74,6 +91,7 @@ class PerUnitClipper:
         self._module_names = {id(m): n or "model" for n, m in model.named_modules()}
         self._captures: list[Capture] = []  # filled by the rules during backward
         self._sums: dict[str, Tensor] = {}  # fp32 accumulators, by parameter name
+        self._sink = sink
         self._batch_size: int | None = None
         self._patched: list[tuple[nn.Module, object]] = []
         self._hooks = [
@@ -189,6 +207,8 @@ class PerUnitClipper:
         return total
 
     def _accumulate(self, captures: list[Capture], coef: Tensor) -> None:
+        sink = self._sink  # with one, a parameter's sum leaves once its last capture is summed
+        left = Counter(self._param_names[id(p)] for cap in captures for p in cap.params.values()) if sink else None
         while captures:  # pop: a layer's activations are freed once its sum is formed
             cap = captures.pop()
             for name, clipped in cap.rule.clipped_sum(cap, coef).items():
@@ -197,9 +217,19 @@ class PerUnitClipper:
                     self._sums[key].add_(clipped)
                 else:
                     self._sums[key] = clipped
+                if left is not None:
+                    left[key] -= 1
+                    if left[key] == 0:
+                        sink.add(key, self._sums.pop(key))
+        if sink is not None:
+            for key in list(self._sums):  # a rule that summed fewer parameters than it captured
+                sink.add(key, self._sums.pop(key))
+            sink.end_micro_batch()
 
     def take_sums(self) -> dict[str, Tensor]:
         """The step's clipped sums, fp32, by parameter name (zeros where nothing was added); resets."""
+        if self._sink is not None:
+            raise RuntimeError("the clipped sums went to the sink, micro-batch by micro-batch")
         sums = {name: self._sums.pop(name, None) for name in self._params}
         return {
             name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) if sums[name] is None else sums[name]

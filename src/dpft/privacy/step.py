@@ -121,16 +121,20 @@ class Reducer(Protocol):
 
 
 class ShardedReducer(Protocol):
-    """Sums the step's fp32 clipped sums over the ranks and keeps this rank's rows (FSDP2).
+    """The engine's sink (FSDP2): reduce-scatters each micro-batch's fp32 clipped sums into this
+    rank's rows as they are formed, and hands the step's rows to `finish` (`take`).
 
-    Every rank noises its own rows after the reduce-scatter; the rows of the ranks tile each
-    parameter exactly once (privacy/sharded.py, `ReduceScatterSums`).
+    Every rank noises its own rows once, at `finish`; the rows of the ranks tile each parameter
+    exactly once (privacy/sharded.py, `ReduceScatterSums`).
     """
 
     scatters: bool  # True
+    names: list[str]
     shards: list[RowShard]
 
-    def scatter(self, tensors: list[Tensor]) -> list[Tensor]: ...
+    def add(self, name: str, clipped: Tensor) -> None: ...
+    def end_micro_batch(self) -> None: ...
+    def take(self) -> dict[str, Tensor]: ...
     def as_grad(self, param: nn.Parameter, rows: Tensor) -> Tensor: ...
 
 
@@ -165,10 +169,13 @@ class PrivacyStep:
         journal: Where each step is recorded before it touches the data.
         reducer: Data-parallel runs only: sums the ranks' clipped sums in `finish`, after the
             noise (added on the one rank whose reducer `adds_noise`) and before ÷ B; or, sharded
-            (FSDP2), reduce-scatters them before each rank noises its own rows.
+            (FSDP2), takes them from the engine micro-batch by micro-batch into this rank's rows,
+            which `finish` noises.
 
     Raises:
-        ConfigError: C is not positive, or the model has a module dpft cannot clip.
+        ConfigError: C is not positive, the model has a module dpft cannot clip, or a sharded
+            reducer comes without DP.
+        ValueError: A sharded reducer built for other parameters.
     """
 
     def __init__(
@@ -184,7 +191,12 @@ class PrivacyStep:
         self._reducer = reducer
         self._randomness, self._journal = randomness, journal
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self._engine = PerUnitClipper(model, mechanism.max_grad_norm) if mechanism.dp else PlainAccumulator(model)
+        sink = reducer if reducer is not None and reducer.scatters else None
+        if sink is not None and not mechanism.dp:
+            raise ConfigError(["--fsdp is built for the DP step only; the --no-dp baseline runs without it"])
+        if sink is not None and sink.names != list(self._params):
+            raise ValueError("the sharded reducer was built for other parameters than this model's trainable ones")
+        self._engine = PerUnitClipper(model, mechanism.max_grad_norm, sink) if mechanism.dp else PlainAccumulator(model)
         self._state, self._step = _IDLE, -1
         self._written: dict[str, Tensor] = {}
         self._hooks: list = []
@@ -246,13 +258,14 @@ class PrivacyStep:
 
         Data-parallel (a reducer): only the rank whose reducer `adds_noise` draws the noise, onto
         its own sums; then one all-reduce sums every rank's, so the total holds it exactly once.
+        Sharded: the sums are already reduce-scattered; each rank noises its own rows.
         """
         self._expect(_OPEN, "finish")
+        if self._reducer is not None and self._reducer.scatters:
+            self._finish_sharded()
+            return
         sums = self._engine.take_sums()
         m = self.mechanism
-        if self._reducer is not None and self._reducer.scatters:
-            self._finish_sharded(sums)
-            return
         if m.dp and (self._reducer is None or self._reducer.adds_noise):
             add_gaussian_noise(list(sums.values()), self._noise_std, self._randomness, self._step)
         if self._reducer is not None:
@@ -268,14 +281,14 @@ class PrivacyStep:
         """σC: the std of the one draw each coordinate gets (before ÷ B)."""
         return self.mechanism.noise_multiplier * self.mechanism.max_grad_norm
 
-    def _finish_sharded(self, sums: dict[str, Tensor]) -> None:
-        """FSDP2: reduce-scatter the fp32 sums, noise this rank's rows (each coordinate has one
-        owner, so one draw), ÷ B, and hand the rows to the sharded parameters as their gradients."""
+    def _finish_sharded(self) -> None:
+        """FSDP2: noise this rank's rows of the step's fp32 sums, reduce-scattered micro-batch by
+        micro-batch (each coordinate has one owner, so one draw), ÷ B, and hand the rows to the
+        sharded parameters as their gradients."""
         m, reducer = self.mechanism, self._reducer
-        rows = reducer.scatter(list(sums.values()))
-        if m.dp:
-            add_gaussian_noise(rows, self._noise_std, self._randomness, self._step, reducer.shards)
-        for name, total in zip(sums, rows, strict=True):
+        rows = reducer.take()  # every micro-batch of every rank summed: the noise goes on now, once
+        add_gaussian_noise(list(rows.values()), self._noise_std, self._randomness, self._step, reducer.shards)
+        for name, total in rows.items():
             param = self._params[name]
             param.grad = reducer.as_grad(param, total.div_(m.expected_batch_size).to(param.dtype))
             self._written[name] = param.grad

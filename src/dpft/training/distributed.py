@@ -14,9 +14,10 @@ With W > 1 processes (`torchrun --nproc-per-node W -m dpft.cli.main train …`, 
   by token count (`split_units`); each rank clips its share; `PrivacyStep.finish` noises on rank 0
   only and all-reduces once (`AllReduceSums`) — see privacy/distributed.py for why that is the
   single-process mechanism exactly;
-- with --fsdp the model is sharded after every rank took rank 0's weights (`prepare`), the clipped
-  sums are reduce-scattered and each rank noises its own rows (`ReduceScatterSums`,
-  privacy/sharded.py); checkpoints and the saved model are gathered into the one-process format.
+- with --fsdp the model is sharded after every rank took rank 0's weights (`prepare`), each
+  micro-batch's clipped sums are reduce-scattered into the ranks' rows as the engine forms them, and
+  each rank noises its own rows at the step's end (`ReduceScatterSums`, privacy/sharded.py);
+  checkpoints and the saved model are gathered into the one-process format.
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ class Parallel:
         return sharding.shard_model(model) if self.fsdp else model
 
     def reducer(self, model: torch.nn.Module) -> AllReduceSums | ReduceScatterSums | None:
-        """How `PrivacyStep.finish` sums the ranks' clipped sums (after `prepare`)."""
+        """How `PrivacyStep` sums the ranks' clipped sums (after `prepare`; --fsdp: the engine's sink)."""
         if self.fsdp:
-            return ReduceScatterSums({n: p for n, p in model.named_parameters() if p.requires_grad})
+            return ReduceScatterSums(model)
         return AllReduceSums() if self.distributed else None
 
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
