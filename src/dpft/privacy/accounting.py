@@ -197,9 +197,7 @@ def _step_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     # An order whose series does not converge is dropped by dp_accounting (the bound stays valid
     # over the other orders); its absl warning would otherwise print on every new (q, σ).
     with _absl_quiet():
-        rdp = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(
-            sample_rate, noise_multiplier, RDP_ORDERS
-        )
+        rdp = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(sample_rate, noise_multiplier, RDP_ORDERS)
     rdp.setflags(write=False)
     return rdp
 
