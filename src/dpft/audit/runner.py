@@ -217,7 +217,7 @@ def _one_run(
     scores = np.concatenate(suffix_logprobs(model, tokenizer, items, batch_size))
     if reference is not None:
         scores = scores - np.concatenate(reference.suffix_logprobs(tokenizer, items, batch_size))
-    result = one_run_audit(scores, [bool(c["included"]) for c in canaries], delta)
+    result = one_run_audit(scores, [bool(c["included"]) for c in canaries], delta=delta)
     return {**result, "score": "calibrated" if reference is not None else "log_prob"}
 
 
