@@ -108,7 +108,7 @@ def test_plain_chat_model_reveals_its_secrets_and_dp_does_not(chat_runs):
     assert dp["verbatim"]["exact"]["member"] == 0.0 and dp["secrets"]["account"]["extraction"]["member"] == 0.0
     assert dp["secrets"]["account"]["rank"]["top1_advantage_ci"][0] <= 0
     for result in (plain, dp):
-        assert result["exposure"]["by_repetition"].keys() == {"0", "4"} and result["one_run"]["m"] == 6
+        assert result["exposure"]["by_repetition"].keys() == {"0", "4"} and result["one_run"]["m"] == 4
         assert "medical" not in result
     assert dp["theoretical_epsilon"] <= 1.0 and plain["theoretical_epsilon"] is None
     page = (tmp / "a-plain" / "report.html").read_text()
