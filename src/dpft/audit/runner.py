@@ -224,19 +224,37 @@ def _one_run(
     alternatives: int,
     seed: int,
 ) -> dict | None:
-    """One-run epsilon lower bound; the score and the guess split are chosen on the calibration canaries.
+    """One-run epsilon lower bound; the score and the guess split are chosen on the calibration canaries."""
+    if not canaries:
+        return None
+    scores = one_run_scores(model, reference, tokenizer, canaries, batch_size, alternatives, seed)
+    calibration, source = calibration_flags(canaries, seed)
+    result = one_run_audit(scores, [bool(c["included"]) for c in canaries], calibration, delta=delta)
+    result["calibration"]["source"] = source
+    result["scores"] = list(scores)
+    return result
 
-    Scores, all higher = more likely inserted, from lp = log P(secret | prefix):
+
+def one_run_scores(
+    model,
+    reference: ReferenceScores | None,
+    tokenizer,
+    canaries: Sequence[dict],
+    batch_size: int = 16,
+    alternatives: int = ONE_RUN_ALTERNATIVES,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every one-run score of each canary, higher = more likely inserted, in the order of preference.
+
+    From lp = log P(secret | prefix) (canary prefixes as `audit_prefix` gives them):
     - "reference" (with a reference model): lp minus the reference's, which removes how likely
       a secret is a priori;
     - "loss": lp;
     - "zlib": lp / the secret's zlib length in bytes;
-    - "alternatives" (when every canary says where its secret was drawn from): lp minus the mean
-      lp of `alternatives` random secrets from the same space after the same prefix, which
-      removes how likely any secret is after that prefix, with no reference model.
+    - "alternatives" (when `alternatives` > 0 and every canary says where its secret was drawn
+      from): lp minus the mean lp of `alternatives` random secrets from the same space after the
+      same prefix, which removes how likely any secret is after that prefix, with no reference.
     """
-    if not canaries:
-        return None
     rng = np.random.default_rng(seed)
     items = [(c["prefix"], [c["secret"]]) for c in canaries]
     lp = np.concatenate(suffix_logprobs(model, tokenizer, items, batch_size))
@@ -251,11 +269,7 @@ def _one_run(
         alt_lp = np.concatenate(suffix_logprobs(model, tokenizer, flat, batch_size))
         per_canary = np.split(alt_lp, np.cumsum([len(a) for a in others])[:-1])
         scores["alternatives"] = lp - np.array([a.mean() for a in per_canary])
-    calibration, source = _calibration_flags(canaries, seed)
-    result = one_run_audit(scores, [bool(c["included"]) for c in canaries], calibration, delta=delta)
-    result["calibration"]["source"] = source
-    result["scores"] = list(scores)
-    return result
+    return scores
 
 
 def _alternative_secrets(canary: dict, count: int, rng: np.random.Generator) -> list[str]:
@@ -274,7 +288,7 @@ def _alternative_secrets(canary: dict, count: int, rng: np.random.Generator) -> 
     return sorted(out)
 
 
-def _calibration_flags(canaries: list[dict], seed: int) -> tuple[np.ndarray, str]:
+def calibration_flags(canaries: Sequence[dict], seed: int) -> tuple[np.ndarray, str]:
     """Which canaries choose the score and split: their "role" in canaries.jsonl, or a random part the audit draws.
 
     Canaries written before roles existed get CALIBRATION_FRACTION of them, drawn with the audit's
