@@ -24,6 +24,16 @@ the last 15 blocks, loss on every token; plain 3 epochs; DP ε = 8 per patient, 
 
     python benchmarks/one_run_power.py --model embedded --output /tmp/one-run-power-smollm
     python benchmarks/one_run_power.py --model embedded --designs rare-prefix --patients 100 --no-dp
+
+Measured (issue 14, on a shared 2-core machine). Tiny, defaults: plain 3.68 for every design and every
+score (120 guesses of 300 audited canaries, all right; the calibration's 1.5x margin keeps it from
+guessing all 300), DP (ε = 8) 0.00 for every design; the tiny model memorises after tens of passes, so
+it cannot rank the designs. Embedded, one short check only (rare-prefix, --patients 10 --canaries 200
+--no-dp: the demo's plain settings but 23 steps instead of about 240, bf16): included canaries' log P
+(secret | prefix) 4.8 nats above the excluded ones' on average; bound 1.15 (zlib, chosen on 50
+calibration canaries; loss alone 1.75 with 29 of its 30 "in" guesses right, reference 0.95). Not
+measured: the other designs and DP on SmolLM2, and the demo itself. At about 97% precision, 750 audited
+canaries would give about 2.5 (a plug-in, not a measurement): reaching 3 needs about 99%.
 """
 
 from __future__ import annotations

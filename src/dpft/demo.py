@@ -35,7 +35,9 @@ TRAIN_FACTOR, AUDIT_PROXIES = 0.63, 0.14
 # needs (750 audited, about 375 trained on; 100 correct "in" guesses out of 100 refute ε = 3), but
 # their cost is not timed yet: against 100 name-digits canaries they add 438 training records (about
 # 4.6k tokens, +14% per plain epoch) and 438 DP units (steps per DP epoch 2.2x; DP tokens per epoch
-# about +37%), plus 1000 short sequences scored per audited model and once for the base model.
+# about +37%), plus 1000 short sequences scored per audited model and once for the base model. A
+# plug-in from one short SmolLM2 check (benchmarks/one_run_power.py: 23 steps, not the demo's ~240)
+# puts the plain model near 2.5 rather than 3; the demo itself has not been measured with them.
 DEMO_ONE_RUN_CANARIES = 1000
 # The "alternatives" one-run score costs this many more short sequences per canary and model.
 DEMO_ONE_RUN_ALTERNATIVES = 0

@@ -6,17 +6,19 @@ ranks the secret among every possible one. One-run canaries (Steinke, Nasr & Jag
 each inserted once with probability ½, in one of these designs (`--canary-design`):
 - `rare-prefix` (the default): a unique prefix of two made-up words ("zuvoka kelipa:"), which
   nothing else in the data resembles, then a secret of SECRET_WORDS words drawn uniformly from
-  WORD_LIST (ordinary English words, each one token in common BPE vocabularies, so the secret is
-  a few random tokens, unlikely under any model's prior). In prompt/completion data the prefix is
+  WORD_LIST (ordinary English words, each one token with its leading space in BPE vocabularies
+  such as SmolLM2's, which holds all 825: the secret is four random tokens, unlikely under a model's
+  prior). In prompt/completion data the prefix is
   the prompt and the secret alone the completion, so training (`--loss-on completion`, the
   default) puts its loss on the secret only. Short: about ten tokens.
 - `random-words`: the exposure sentence with the random-words secret instead of the digits.
 - `name-digits`: the exposure sentence itself (dpft's one-run canaries before this option).
-Privacy auditing of LLMs (Panda et al., ICLR 2025) found that canaries whose secret is made of
-random or new tokens, unlikely under the model's prior, are memorised from far fewer insertions
-than natural-looking ones, and that a loss on the secret alone strengthens the signal; the
-designs here are that idea within the data's own format and the tokenizer's existing vocabulary
-(the data layer has no tokenizer: ordinary words stand in for random tokens).
+"Privacy auditing of large language models" (Panda et al., ICLR 2025), as we read its ideas:
+canaries whose secret is made of random or new tokens, unlikely under the model's prior, are
+memorised from far fewer insertions than natural-looking ones, and a loss on the secret alone
+strengthens the signal. The designs here are that idea within the data's own format and the
+tokenizer's existing vocabulary (no new tokens; the data layer has no tokenizer, so ordinary words
+stand in for random tokens). `benchmarks/one_run_power.py` compares the designs.
 
 Each one-run canary also gets a role: a random CALIBRATION_FRACTION of them are "calibration"
 canaries, on which the audit chooses its score and guess split, and the rest are "audit"
