@@ -104,6 +104,7 @@ def demo_data(args: argparse.Namespace, tokenizer, root: Path) -> dict:
         records_per_patient=o.records_per_patient,
         canaries_per_repetition=o.canaries_per_repetition,
         one_run_canaries=o.one_run_canaries // (10 if args.quick else 1),
+        canary_design=o.canary_design,
     )
     records = read_records(str(root / "train.jsonl"))
     plain = encode_records(records, tokenizer, args.max_length, "record", o.loss_on)

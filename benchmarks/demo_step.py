@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             records_per_patient=o.records_per_patient,
             canaries_per_repetition=o.canaries_per_repetition,
             one_run_canaries=o.one_run_canaries,
+            canary_design=o.canary_design,
         )
         model = _tiny_model(root) if args.quick else o.model
         runs = {v: build(v, args, root / "data", root, model) for v in variants}

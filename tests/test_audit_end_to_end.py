@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from dpft.audit import evaluate_utility, run_audit
 from dpft.audit.exposure import canary_exposures
 from dpft.audit.scoring import ReferenceScores, encode_record, greedy_generate, token_logprobs
+from dpft.data.canaries import make_canaries
 from dpft.data.encode import encode_opening
 from dpft.errors import DpftError
 from dpft.scenarios.medical import UTILITY_FIELDS, medical_audit
@@ -190,7 +191,12 @@ def test_run_audit_keys_and_ranges(tok):
     assert all(0 <= m["auc"] <= 1 for m in out["mia"].values())
     assert set(out["exposure"]["by_repetition"]) == {"0", "2"}
     assert all(0 <= c["exposure"] <= math.log2(1e6) for c in out["exposure"]["per_canary"])
-    assert out["one_run"]["m"] == 8 and out["one_run"]["epsilon_lower_bound"] >= 0
+    one_run = out["one_run"]
+    assert one_run["canaries"] == 8 and one_run["m"] == 6 and one_run["calibration"]["canaries"] == 2
+    assert one_run["calibration"]["source"] == "drawn by the audit (--seed)"  # these canaries carry no role
+    assert one_run["scores"] == ["reference", "loss", "zlib", "alternatives"] and one_run["score"] in one_run["scores"]
+    assert one_run["epsilon_lower_bound"] >= 0 and one_run["theoretical_epsilon"] == 8.0
+    assert one_run["fraction_of_guarantee"] == one_run["epsilon_lower_bound"] / 8.0
     assert out["theoretical_epsilon"] == 8.0 and isinstance(medical["dupont_completion"], str)
 
 
@@ -213,6 +219,26 @@ def test_shared_reference_scores_run_the_base_once_and_change_nothing(tok):
     assert audits[0] > 0 and audits[1] == 0
     medical = medical_audit(model, tok, members, non_members, CONDITIONS, max_new_tokens=4, rank_conditions=False)
     assert medical["extraction"]["rank"] is None
+
+
+@pytest.mark.parametrize("design", ["rare-prefix", "name-digits"])
+def test_memorised_one_run_canaries_refute_a_small_epsilon(tmp_path, tok, design, one_torch_thread):
+    """Canaries of the generator, the included ones fitted: the audit's one test finds them (and the base model does not)."""
+    like = tmp_path / "like.jsonl"
+    like.write_text(json.dumps({"text": "a record"}) + "\n")
+    make_canaries(
+        str(like), str(tmp_path / "c"), seed=4, canaries_per_repetition=0, one_run_canaries=60, canary_design=design
+    )
+    canaries = [json.loads(line) for line in (tmp_path / "c" / "canaries.jsonl").read_text().splitlines()]
+    fitted = memorise(tiny_llama(), tok, [c["record"]["text"] for c in canaries if c["included"]], steps=150)
+    members, non_members = [{"text": "member record"}], [{"text": "other record"}]
+    kwargs = dict(batch_size=32, verbatim=False, n_boot=10, num_candidates=20, one_run_alternatives=4)
+    out = run_audit(fitted, tok, members, non_members, canaries, reference_model=tiny_llama(), **kwargs)["one_run"]
+    assert out["canaries"] == 60 and out["m"] == 45 and out["calibration"]["source"] == "canaries (role)"
+    assert out["calibration"]["chosen_by"] == "calibration" and out["k_minus"] == 0  # one-sided evidence
+    assert out["correct"] == out["guesses"] > 5 and out["epsilon_lower_bound"] > 0.5
+    base = run_audit(tiny_llama(), tok, members, non_members, canaries, reference_model=tiny_llama(), **kwargs)
+    assert base["one_run"]["epsilon_lower_bound"] == 0.0
 
 
 def test_run_audit_refuses_without_non_members(tok):

@@ -120,14 +120,89 @@ def test_one_run_p_value_at_the_bound_is_the_level():
     assert p_value(1000, 200, 180, eps) == pytest.approx(0.05, abs=1e-3)
 
 
-def test_one_run_audit_perfect_and_random_scores():
-    rng = np.random.default_rng(5)
-    included = rng.permutation(np.arange(1000) < 500)
-    perfect = one_run_audit(included.astype(float), included)
-    # Bonferroni over the splits costs a little against the uncorrected 5.81.
-    assert 5.0 < perfect["epsilon_lower_bound"] < 5.81
-    assert perfect["correct"] == perfect["guesses"] == 1000
-    assert one_run_audit(rng.random(1000), included)["epsilon_lower_bound"] < 0.5
+def coins_and_calibration(seed: int, n: int = 1000, fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """Fair inclusion coins and a random calibration part of the canaries, as the generators draw them."""
+    rng = np.random.default_rng(seed)
+    calibration = np.zeros(n, bool)
+    calibration[rng.permutation(n)[: round(fraction * n)]] = True
+    return rng.random(n) < 0.5, calibration
+
+
+def test_positive_only_split_matches_a_hand_computation():
+    """100 "in" guesses, all right: p(eps) = q^100 with q = e^eps / (1 + e^eps); the bound solves q^100 = 0.05."""
+    assert p_value(100, 100, 100, 3.0) == pytest.approx((math.exp(3) / (1 + math.exp(3))) ** 100)
+    assert p_value(100, 100, 100, 3.0) < 0.0125  # the issue's arithmetic: 0.9526^100 ≈ 0.008
+    q = 0.05 ** (1 / 100)
+    hand = math.log(q / (1 - q))
+    included = np.arange(1000) % 2 == 0
+    scores = np.where(included, 1.0, 0.0) + np.linspace(0, 0.5, 1000)  # every included canary above every other
+    out = one_run_audit(scores, included)  # no calibration canaries: the default split, k+ = 10% of m, k- = 0
+    assert (out["k_plus"], out["k_minus"], out["guesses"], out["correct"], out["m"]) == (100, 0, 100, 100, 1000)
+    assert out["epsilon_lower_bound"] == pytest.approx(hand, abs=1e-6) and 3.4 < hand < 3.5
+    assert out["calibration"]["chosen_by"] == "default"
+    # 90 right out of 100: the bound is where the binomial tail, summed by hand, is 0.05.
+    eps = epsilon_lower_bound(1000, 100, 90)
+    q = math.exp(eps) / (1 + math.exp(eps))
+    tail = sum(math.comb(100, i) * q**i * (1 - q) ** (100 - i) for i in range(90, 101))
+    assert tail == pytest.approx(0.05, abs=1e-6) and 1.0 < eps < 2.0
+
+
+def test_a_perfect_score_on_1000_canaries_refutes_epsilon_3():
+    included, calibration = coins_and_calibration(5)
+    out = one_run_audit({"loss": included.astype(float)}, included, calibration, delta=1e-5)
+    assert out["epsilon_lower_bound"] >= 3.0
+    assert out["correct"] == out["guesses"] > 100
+    assert out["m"] == 750 and out["canaries"] == 1000 and out["calibration"]["canaries"] == 250
+    assert out["calibration"]["chosen_by"] == "calibration" and out["calibration"]["predicted_epsilon"] > 3
+
+
+def test_random_scores_refute_nothing():
+    """Several scores, none informative: the chosen one must still pass a 95% test only by chance."""
+    bounds = []
+    for seed in range(20):
+        included, calibration = coins_and_calibration(seed)
+        rng = np.random.default_rng(100 + seed)
+        scores = {name: rng.random(1000) for name in ("loss", "reference", "zlib", "alternatives")}
+        bounds.append(one_run_audit(scores, included, calibration, delta=1e-5)["epsilon_lower_bound"])
+    assert max(bounds) < 0.5 and sum(b > 0 for b in bounds) <= 2, bounds
+
+
+def test_a_weak_signal_in_one_score_is_found_by_calibration():
+    """A third of the included canaries memorised, in one of two scores: calibration picks it, positive-only."""
+    included, calibration = coins_and_calibration(7)
+    rng = np.random.default_rng(8)
+    memorised = included & (rng.random(1000) < 1 / 3)
+    scores = {"zlib": rng.normal(size=1000), "loss": rng.normal(size=1000) + 6 * memorised}
+    out = one_run_audit(scores, included, calibration)
+    assert out["score"] == "loss" and out["k_minus"] == 0 and out["epsilon_lower_bound"] > 3.0
+
+
+def test_the_choice_never_sees_the_audited_canaries():
+    """Shuffling the audited canaries' coins (and scores) changes the test's outcome, never the choice."""
+    included, calibration = coins_and_calibration(11)
+    rng = np.random.default_rng(12)
+    scores = {"loss": rng.normal(size=1000) + 2 * included, "zlib": rng.normal(size=1000) + included}
+    first = one_run_audit(scores, included, calibration)
+    audited = np.flatnonzero(~calibration)
+    for seed in range(3):
+        shuffled = included.copy()
+        shuffled[audited] = np.random.default_rng(seed).permutation(included[audited])
+        again = one_run_audit(scores, shuffled, calibration)
+        assert again["calibration"] == first["calibration"]
+        assert [again[k] for k in ("score", "k_plus", "k_minus")] == [first[k] for k in ("score", "k_plus", "k_minus")]
+        assert again["correct"] != first["correct"]  # the coins did matter to the test itself
+    # The calibration canaries' own coins do drive the choice.
+    flipped = included.copy()
+    flipped[calibration] = ~flipped[calibration]
+    assert one_run_audit(scores, flipped, calibration)["calibration"] != first["calibration"]
+
+
+def test_m_counts_the_audited_canaries_only():
+    included, calibration = coins_and_calibration(3, n=400, fraction=0.3)
+    out = one_run_audit({"loss": included.astype(float)}, included, calibration, delta=1e-5)
+    assert out["m"] == 280 and out["k_plus"] + out["k_minus"] == out["guesses"] <= 280
+    # The same guesses with m = 400 would give a different delta term: the bound uses 280.
+    assert out["epsilon_lower_bound"] == epsilon_lower_bound(280, out["guesses"], out["correct"], 1e-5)
 
 
 def test_tpr_is_given_only_at_fpr_levels_the_non_members_resolve():

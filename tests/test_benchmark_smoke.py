@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,22 @@ def test_utility_benchmark_runs_on_a_tiny_model(tmp_path: Path, tiny_model_dir: 
     assert any(line.startswith("| dp-eps3 | 3 |") for line in lines) and "Ran on: CPU" in done.stdout
     prompts = [json.loads(line)["prompt"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert not any(p in done.stdout + done.stderr for p in prompts)  # no training text in the output
+
+
+@pytest.mark.slow
+def test_one_run_power_benchmark_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    """Every design, plain and DP, each score alone and the audit's choice: the table and the JSON it documents."""
+    script = SCRIPT.parent / "one_run_power.py"
+    cmd = [sys.executable, str(script), "--output", str(tmp_path), "--canaries", "40", "--patients", "6"]
+    cmd += ["--epochs", "2", "--alternatives", "2", "--tiny-width", "32"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(SCRIPT.parents[1] / d) for d in ("src", "tests"))}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=env)
+    result = json.loads((tmp_path / "one_run_power.json").read_text())
+    assert set(result["designs"]) == {"rare-prefix", "random-words", "name-digits"}
+    for design, models in result["designs"].items():
+        assert set(models) == {"plain", "dp"}, design
+        assert models["plain"]["epsilon"] is None and 0 < models["dp"]["epsilon"] <= 8.0
+        for m in models.values():
+            assert set(m["by_score"]) == {"reference", "loss", "zlib", "alternatives"}
+            assert m["chosen"]["m"] == 30 and m["chosen"]["epsilon_lower_bound"] >= 0
+    assert "| rare-prefix | plain (∞) |" in done.stdout and "| name-digits | dp (" in done.stdout

@@ -12,6 +12,10 @@ from dpft.errors import DpftError
 SECTIONS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon", "generations")
 
 
+def test_demo_defaults_to_a_thousand_short_one_run_canaries():
+    assert DemoOptions().one_run_canaries >= 1000 and DemoOptions().canary_design == "rare-prefix"
+
+
 def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     opts = DemoOptions(
         output=str(tmp_path / "demo"),
@@ -40,6 +44,11 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     for name in ("non-private", "dp"):
         audit = json.loads((tmp_path / "demo" / "runs" / name / "assessment.json").read_text())["audit"]
         assert audit["theoretical_epsilon"] == models[name]["privacy"]["epsilon"]
+        one_run = audit["one_run"]  # 20 canaries: 5 choose the score and split, 15 are tested once
+        assert (one_run["canaries"], one_run["m"], one_run["calibration"]["canaries"]) == (20, 15, 5)
+        assert one_run["scores"] == ["reference", "loss", "zlib"]  # the demo skips the alternatives' cost
+    assert models["dp"]["audit"]["one_run"]["fraction_of_guarantee"] <= 1.0
+    assert "bound / guarantee" in page and "20 one-run canaries (rare-prefix)" in page
     assert "what each model leaks" in capsys.readouterr().out
     # A re-run reuses every finished piece; other settings in the same folder are refused.
     assert run_demo(opts)["dp"]["privacy"] == dp

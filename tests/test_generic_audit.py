@@ -15,7 +15,7 @@ from dpft.audit.secret_extraction import SecretSpec, find_secret
 from dpft.audit.verbatim import similarity, split_for_extraction
 from dpft.cli.main import app
 from dpft.data import read_records
-from dpft.data.canaries import audit_prefix, make_canaries
+from dpft.data.canaries import DESIGNS, audit_prefix, make_canaries
 from dpft.data.encode import encode_opening
 from dpft.errors import ConfigError
 from helpers import tiny_tokenizer
@@ -98,12 +98,16 @@ def write(path, rows) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("kind", list(FORMATS))
-def test_canaries_like_each_format(tmp_path, kind):
+def test_canaries_like_each_format(tmp_path, kind, design):
     tok = tiny_tokenizer()
     like = write(tmp_path / "train.jsonl", [{**FORMATS[kind], "user_id": f"u{i}"} for i in range(3)])
-    manifest = make_canaries(like, str(tmp_path / "c"), canaries_per_repetition=2, one_run_canaries=10)
+    manifest = make_canaries(
+        like, str(tmp_path / "c"), canaries_per_repetition=2, one_run_canaries=12, canary_design=design
+    )
     assert manifest["format"] == kind and manifest["randomness"] == "os-entropy"
+    assert manifest["canaries"]["one_run_design"] == design and manifest["canaries"]["one_run_calibration"] == 3
     canaries = [json.loads(line) for line in (tmp_path / "c" / "canaries.jsonl").read_text().splitlines()]
     rows = read_records(str(tmp_path / "c" / "canary-records.jsonl"))  # valid records, same format
     assert {r.kind for r in rows} == {kind} and all(r.fields["user_id"].startswith("dpft-canary-") for r in rows)
@@ -114,7 +118,35 @@ def test_canaries_like_each_format(tmp_path, kind):
         trained, _ = encode_as_trained(tok, {k: v for k, v in c["record"].items() if k != "user_id"})
         scored = encode_opening(tok, audit_prefix(tok, c) + c["secret"])
         assert trained[: len(scored)] == scored
+        assert c["design"] == (design if c["kind"] == "one_run" else "name-digits")
     assert {c["kind"] for c in canaries} == {"exposure", "one_run"}
+    one_run = [c for c in canaries if c["kind"] == "one_run"]
+    assert sorted(c["role"] for c in one_run) == ["audit"] * 9 + ["calibration"] * 3
+    if design == "rare-prefix":
+        assert len({c["record"].get("prompt") or json.dumps(c["record"]) for c in one_run}) == 12
+        if kind == "prompt_completion":  # the secret alone is the completion: the loss falls on it only
+            assert all(c["record"]["completion"] == " " + c["secret"] for c in one_run)
+    if design != "name-digits":
+        assert all(len(c["secret"].split(" ")) == c["secret_length"] == 4 for c in one_run)
+
+
+def test_canary_options_are_checked_and_one_run_defaults_to_a_thousand(tmp_path):
+    import inspect
+
+    like = write(tmp_path / "t.jsonl", [FORMATS["text"]])
+    with pytest.raises(ConfigError, match="--canary-design"):
+        make_canaries(like, str(tmp_path / "o"), canary_design="emoji")
+    assert not (tmp_path / "o").exists()
+    assert inspect.signature(make_canaries).parameters["one_run_canaries"].default >= 1000
+    res = runner.invoke(app, ["data", "canaries", "--like", like, "--output", str(tmp_path / "d"), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["canaries"]["one_run"] >= 1000 and manifest["canaries"]["one_run_design"] == "rare-prefix"
+    args = ["data", "canaries", "--like", like, "--output", str(tmp_path / "e"), "--one-run-canaries", "40"]
+    res = runner.invoke(app, [*args, "--canary-design", "name-digits"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["canaries"]["one_run"] == 40 and manifest["canaries"]["one_run_design"] == "name-digits"
 
 
 def test_canaries_are_secret_unless_seeded(tmp_path):

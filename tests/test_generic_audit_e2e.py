@@ -108,7 +108,7 @@ def test_plain_chat_model_reveals_its_secrets_and_dp_does_not(chat_runs):
     assert dp["verbatim"]["exact"]["member"] == 0.0 and dp["secrets"]["account"]["extraction"]["member"] == 0.0
     assert dp["secrets"]["account"]["rank"]["top1_advantage_ci"][0] <= 0
     for result in (plain, dp):
-        assert result["exposure"]["by_repetition"].keys() == {"0", "4"} and result["one_run"]["m"] == 6
+        assert result["exposure"]["by_repetition"].keys() == {"0", "4"} and result["one_run"]["m"] == 4
         assert "medical" not in result
     assert dp["theoretical_epsilon"] <= 1.0 and plain["theoretical_epsilon"] is None
     page = (tmp / "a-plain" / "report.html").read_text()
@@ -120,6 +120,11 @@ def test_audit_json_holds_no_training_text(chat_runs):
     shipped = (tmp / "a-plain" / "audit.json").read_text() + (tmp / "a-plain" / "report.html").read_text()
     for line in Path(members).read_text().splitlines():
         assert json.loads(line)["messages"][1]["content"] not in shipped
+    canaries = [json.loads(line) for line in (tmp / "c" / "canaries.jsonl").read_text().splitlines()]
+    one_run = [c for c in canaries if c["kind"] == "one_run"]
+    assert one_run and all(c["design"] == "rare-prefix" for c in one_run)
+    for c in one_run:  # four random words each: neither the secret nor the made-up opening ships
+        assert c["secret"] not in shipped and c["record"]["messages"][0]["content"] not in shipped
 
 
 def test_text_records_with_a_secret_pattern(tmp_path, tiny_model_dir):

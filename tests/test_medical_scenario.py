@@ -45,6 +45,7 @@ def test_audit_adds_the_medical_sections_when_its_manifest_is_given(tmp_path, ti
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["medical"]["extraction"]["rank"]["num_conditions"] == 30 and "dupont_completion" in out["medical"]
-    assert out["verbatim"]["members"] == 4 and out["exposure"] and out["one_run"]["m"] == 4
+    assert out["verbatim"]["members"] == 4 and out["exposure"] and out["one_run"]["m"] == 3
+    assert out["one_run"]["scores"] == ["loss", "zlib", "alternatives"]  # no --reference; word secrets
     page = (tmp_path / "a" / "report.html").read_text()
     assert "id='generations'" in page and "id='verbatim'" in page

@@ -194,6 +194,28 @@ MUTATIONS = [
         "current = params",
         ("tests/test_fsdp.py::test_sharded_clipped_sums_equal_the_per_unit_loop",),
     ),
+    Mutation(
+        "one-run: score and split chosen on the audited canaries",
+        "audit/one_run.py",
+        "predicted_epsilon(s[cal], truth[cal], split, m, delta)",
+        "predicted_epsilon(s[~cal], truth[~cal], split, m, delta)",
+        ("tests/test_audit_metrics.py::test_the_choice_never_sees_the_audited_canaries",),
+    ),
+    Mutation(
+        "one-run: m counts every canary, calibration ones included",
+        "audit/one_run.py",
+        "    m = int(audited.sum())\n",
+        "    m = len(truth)\n",
+        ("tests/test_audit_metrics.py::test_m_counts_the_audited_canaries_only",),
+    ),
+    Mutation(
+        "one-run: the best split on the audited canaries, without correction",
+        "audit/one_run.py",
+        "    bound = epsilon_lower_bound(m, k_plus + k_minus, correct, delta)\n",
+        "    bound = max(epsilon_lower_bound(m, sum(guesses(m, sp)), count_correct(table[name][audited], "
+        "truth[audited], *guesses(m, sp)), delta) for sp in SPLITS)\n",
+        ("tests/test_audit_metrics.py::test_random_scores_refute_nothing",),
+    ),
 ]
 
 

@@ -65,11 +65,16 @@ def audit_fixture(shift: float, eps_lb: float, completion: str, theoretical) -> 
         },
         "one_run": {
             "epsilon_lower_bound": eps_lb,
-            "m": 1000,
-            "guesses": 400,
-            "correct": 390,
+            "score": "reference",
+            "k_plus": 150,
+            "k_minus": 0,
+            "m": 750,
+            "canaries": 1000,
+            "guesses": 150,
+            "correct": 149,
             "delta": 1e-5,
-            "correction": "Bonferroni over 4 splits",
+            "correction": "none: one test, its score and split chosen on the calibration canaries",
+            "calibration": {"canaries": 250, "score": "reference", "k_plus_fraction": 0.2, "k_minus_fraction": 0.0},
         },
         "theoretical_epsilon": theoretical,
         "delta": 1e-5,
@@ -135,6 +140,16 @@ def test_report_escapes_text_and_shows_dupont_only_in_generations(report):
     assert EVIL not in page and "&lt;script&gt;" in page
     generations = page.split("id='generations'", 1)[1]
     assert "pancreatic cancer" in generations and "pancreatic cancer" not in page.split("id='generations'", 1)[0]
+
+
+def test_epsilon_section_sets_the_bound_beside_the_guarantee(tmp_path):
+    audit = audit_fixture(1.0, 2.0, "x", 8.0)
+    path = tmp_path / "eps.html"
+    write_report(path, {"models": {"dp": {"audit": audit, "privacy": {"epsilon": 8.0}}}})
+    section = path.read_text(encoding="utf-8").split("id='epsilon'", 1)[1].split("</section>", 1)[0]
+    cells = re.findall(r"<td>([^<]*)</td>", section)
+    assert cells == ["dp", "8", "2", "0.25", "reference", "150 in / 0 out", "149", "750", "250", "1e-05"]
+    assert "calibration canaries" in section
 
 
 def test_report_for_a_single_model_with_missing_parts(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dpft.data.canaries import DEFAULT_DESIGN, DESIGNS, secret_words
 from dpft.data.records import read_records
 from dpft.errors import ConfigError
 from dpft.scenarios.medical.conditions import CONDITIONS, condition_frequencies
@@ -141,12 +142,15 @@ def test_canaries_appear_in_train_exactly_as_recorded(generated):
     assert sum(train_texts.values()) == manifest["splits"]["train"]["canary_records"]
     holdout = (out / "holdout.jsonl").read_text("utf-8")
     for canary in canaries:
-        assert canary["text"] == canary["prefix"] + canary["secret"] + '"}'
+        assert canary["text"] == canary["prefix"] + canary["secret"] + (
+            "" if canary["design"] == "rare-prefix" else '"}'
+        )
         assert train_texts[canary["text"]] == canary["repetitions"]
         assert canary["included"] == (canary["repetitions"] > 0)
         assert canary["secret"] not in holdout and canary["user_id"] not in holdout
-        assert len(canary["secret"]) == canary["secret_length"] == 6
-        assert set(canary["secret"]) <= set(canary["secret_alphabet"])
+        assert_secret_in_its_space(canary)
+    assert {c["design"] for c in canaries if c["kind"] == "exposure"} == {"name-digits"}
+    assert {c["design"] for c in canaries if c["kind"] == "one_run"} == {DEFAULT_DESIGN} == {"rare-prefix"}
     by_user = defaultdict(set)
     for row in load(out, "train.jsonl"):
         if "text" in row:
@@ -157,6 +161,44 @@ def test_canaries_appear_in_train_exactly_as_recorded(generated):
     exposure = Counter(c["repetitions"] for c in canaries if c["kind"] == "exposure")
     assert exposure == {r: SMALL["canaries_per_repetition"] for r in (0, 1, 2, 4, 8, 16)}
     assert not set(by_user) & set(patients_of(load(out, "train.jsonl")))
+
+
+def assert_secret_in_its_space(canary: dict) -> None:
+    if "secret_alphabet" in canary:
+        assert len(canary["secret"]) == canary["secret_length"] == 6
+        assert set(canary["secret"]) <= set(canary["secret_alphabet"])
+    else:
+        words = canary["secret"].split(" ")
+        assert len(words) == canary["secret_length"] == 4 and set(words) <= set(secret_words(canary["secret_words"]))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_each_one_run_design(tmp_path, design):
+    """Every design: unique secrets (and, rare-prefix, unique openings nothing else shares), a quarter for calibration."""
+    manifest = synth_medical(
+        tmp_path, patients=20, seed=2, canaries_per_repetition=1, one_run_canaries=200, canary_design=design
+    )
+    canaries = [c for c in load(tmp_path, "canaries.jsonl") if c["kind"] == "one_run"]
+    assert manifest["options"]["canary_design"] == manifest["canaries"]["one_run_design"] == design
+    assert {c["design"] for c in canaries} == {design} and len({c["secret"] for c in canaries}) == 200
+    assert Counter(c["role"] for c in canaries) == {"calibration": 50, "audit": 150}
+    assert manifest["canaries"]["one_run_calibration"] == 50
+    texts = Counter(r["text"] for r in load(tmp_path, "train.jsonl") if "text" in r)
+    for c in canaries:
+        assert_secret_in_its_space(c)
+        assert texts[c["text"]] == c["repetitions"] and c["text"].startswith(c["prefix"] + c["secret"])
+    if design == "rare-prefix":  # short, and nothing but the canary opens with its prefix
+        openings = [c["prefix"] for c in canaries]
+        assert len(set(openings)) == 200 and all(re.fullmatch(r"[a-z]{6} [a-z]{6}: ", o) for o in openings)
+        assert max(len(c["text"]) for c in canaries) < 15 + 4 * 11
+    else:
+        assert all(c["prefix"].startswith('{patient_registry: "') for c in canaries)
+
+
+def test_one_run_canaries_default_to_a_thousand():
+    import inspect
+
+    assert inspect.signature(synth_medical).parameters["one_run_canaries"].default >= 1000
 
 
 def test_one_run_canaries_are_included_with_probability_half(tmp_path):
@@ -182,6 +224,7 @@ def test_one_run_canaries_are_included_with_probability_half(tmp_path):
         ({"canary_repetitions": (0, 2)}, "--canary-repetitions"),
         ({"canaries_per_repetition": -1}, "--canaries-per-repetition"),
         ({"one_run_canaries": -1}, "--one-run-canaries"),
+        ({"canary_design": "emoji"}, "--canary-design"),
     ],
 )
 def test_bad_options_name_their_flag(tmp_path, options, flag):

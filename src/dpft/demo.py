@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpft.data.canaries import DEFAULT_DESIGN
 from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.models.precision import announce, autocast, describe_hardware, dtype_name, resolve_dtype
@@ -30,6 +31,16 @@ MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one su
 # training 428 s for 4404 examples = 0.63 proxy per micro-batch; audits of both models 141 s
 # for 200 records = 0.14 proxy per record.
 TRAIN_FACTOR, AUDIT_PROXIES = 0.63, 0.14
+# One-run canaries (rare-prefix: about 12 tokens each). 1000 are what a one-run bound of 3 or more
+# needs (750 audited, about 375 trained on; 100 correct "in" guesses out of 100 refute ε = 3), but
+# their cost is not timed yet: against 100 name-digits canaries they add 438 training records (about
+# 4.6k tokens, +14% per plain epoch) and 438 DP units (steps per DP epoch 2.2x; DP tokens per epoch
+# about +37%), plus 1000 short sequences scored per audited model and once for the base model. A
+# plug-in from one short SmolLM2 check (benchmarks/one_run_power.py: 23 steps, not the demo's ~240)
+# puts the plain model near 2.5 rather than 3; the demo itself has not been measured with them.
+DEMO_ONE_RUN_CANARIES = 1000
+# The "alternatives" one-run score costs this many more short sequences per canary and model.
+DEMO_ONE_RUN_ALTERNATIVES = 0
 PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
 
 
@@ -59,7 +70,9 @@ class DemoOptions:
     utility_records: int = 120
     quiet: bool = False
     canaries_per_repetition: int = 2
-    one_run_canaries: int = 100
+    one_run_canaries: int = DEMO_ONE_RUN_CANARIES
+    canary_design: str = DEFAULT_DESIGN
+    one_run_alternatives: int = DEMO_ONE_RUN_ALTERNATIVES
     exposure_candidates: int = 200
 
 
@@ -122,6 +135,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
         records_per_patient=o.records_per_patient,
         canaries_per_repetition=o.canaries_per_repetition,
         one_run_canaries=o.one_run_canaries,
+        canary_design=o.canary_design,
     )
     conditions = [c["name"] for c in manifest["conditions"]]
     members, holdout, canaries = (_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
@@ -229,8 +243,9 @@ def _notes(o: DemoOptions, dtype: torch.dtype) -> list[str]:
         f"Synthetic data: {o.patients} patients (seed {o.seed}) with {'/'.join(map(str, o.records_per_patient))} "
         f"records each, split by patient; utility on {o.utility_records} random held-out records; the audit scores "
         f"up to {o.audit_records} patients and records on each side, {o.exposure_candidates} random candidates "
-        "per canary. To fit 10 minutes on 2 cores without native bf16, the demo skips two measurements "
-        "`dpft audit` makes: the generic verbatim extraction (the name → condition attack is its targeted "
+        f"per exposure canary; {o.one_run_canaries} one-run canaries ({o.canary_design}), each trained on with "
+        "probability ½, a quarter of them used only to choose the one-run test's score and guesses. To fit 10 "
+        "minutes on 2 cores without native bf16, the demo skips two measurements `dpft audit` makes: the generic verbatim extraction (the name → condition attack is its targeted "
         "form here) and the likelihood ranking of each patient's condition among all conditions.",
     ]
 
@@ -267,6 +282,7 @@ def _assess(
                 reference,
                 max_records=o.audit_records,
                 num_candidates=o.exposure_candidates,
+                one_run_alternatives=o.one_run_alternatives,
                 seed=o.seed,
                 theoretical_epsilon=privacy.get("epsilon"),
                 delta=privacy.get("delta"),

@@ -98,6 +98,7 @@ def audit(
     n_boot: int = 200,
     dtype: str = "auto",
     exposure_candidates: int = 2000,
+    one_run_alternatives: int = 8,
 ) -> dict:
     """Audit a model against member and non-member files; writes audit.json and report.html in `output`.
 
@@ -108,6 +109,7 @@ def audit(
         secret_pattern: a regular expression over the records' targets (`--secret-pattern`).
         dtype: compute dtype, auto (bf16 where the hardware does it natively, else fp32), fp32 or bf16.
         exposure_candidates: random secrets scored per exposure canary (its cost grows with them).
+        one_run_alternatives: random secrets scored per one-run canary for its "alternatives" score.
 
     Returns:
         The audit (audit.json content), with the compute dtype that ran under "dtype".
@@ -137,6 +139,7 @@ def audit(
             ref,
             secrets=spec,
             num_candidates=exposure_candidates,
+            one_run_alternatives=one_run_alternatives,
             theoretical_epsilon=privacy.get("epsilon") if privacy else None,
             delta=privacy.get("delta") if privacy else None,
             **options,

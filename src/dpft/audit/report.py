@@ -234,7 +234,9 @@ def _mia(models: dict) -> str:
         for score, r in (_get(m, "audit", "mia") or {}).items():
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{score} (AUC {r['auc']:.2f})")
             rows.append([name, score, r["auc"], r["auc_ci"], r["tpr_at_fpr"].get("0.01"), r["tpr_at_fpr"].get("0.001")])
-            missing |= {f"TPR @ {float(level):.1%} FPR: {why}" for level, why in r.get("tpr_at_fpr_missing", {}).items()}
+            missing |= {
+                f"TPR @ {float(level):.1%} FPR: {why}" for level, why in r.get("tpr_at_fpr_missing", {}).items()
+            }
         ax.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8)
         ax.set(
             xscale="log",
@@ -262,27 +264,41 @@ def _epsilon(models: dict) -> str:
     rows = []
     for name, m in models.items():
         o = _get(m, "audit", "one_run") or {}
+        cal = o.get("calibration") or {}
+        theory, bound = _theoretical(m), o.get("epsilon_lower_bound")
         rows.append(
             [
                 name,
-                _theoretical(m),
-                o.get("epsilon_lower_bound"),
-                o.get("m"),
-                o.get("guesses"),
+                theory,
+                bound,
+                bound / theory if bound is not None and theory else None,
+                o.get("score"),
+                f"{_fmt(o.get('k_plus'))} in / {_fmt(o.get('k_minus'))} out" if o else None,
                 o.get("correct"),
+                o.get("m"),
+                cal.get("canaries"),
                 o.get("delta"),
-                o.get("correction"),
             ]
         )
     note = (
-        "<p>Empirical lower bound from one training run (Steinke, Nasr &amp; Jagielski "
-        "2023), 95% confidence: a DP guarantee below it would be refuted.</p>"
+        "<p>Empirical lower bound from one training run (Steinke, Nasr &amp; Jagielski 2023), 95% confidence: "
+        "a DP guarantee below it would be refuted. Each one-run canary was trained on with probability ½. "
+        "On the calibration canaries alone, the audit chooses the score (log-probability of the secret after "
+        "its prefix, minus the base model's, divided by its zlib length, or minus that of random alternative "
+        "secrets) and how many canaries to guess in (highest scores) and out (lowest); it then makes those "
+        "guesses once on the other canaries, which alone count as m. A memorised canary stands out while an "
+        "absent one does not, so guessing only 'in' is often the strongest test.</p>"
     )
-    return _section(
-        "epsilon",
-        "Empirical ε vs guarantee",
-        note,
-        _table(
-            ["model", "ε (guarantee)", "ε lower bound", "canaries", "guesses", "correct", "δ", "multiple testing"], rows
-        ),
-    )
+    header = [
+        "model",
+        "ε (guarantee)",
+        "ε lower bound",
+        "bound / guarantee",
+        "score (calibration)",
+        "guesses",
+        "correct",
+        "audited canaries (m)",
+        "calibration canaries",
+        "δ",
+    ]
+    return _section("epsilon", "Empirical ε vs guarantee", note, _table(header, rows))

@@ -5,21 +5,23 @@ the caller; nothing here knows what the records are about."""
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from dpft.audit.exposure import canary_exposures
+from dpft.audit.exposure import canary_exposures, sample_candidates
 from dpft.audit.mia import MIN_K_FRACTION, attack_metrics, record_scores
 from dpft.audit.one_run import one_run_audit
 from dpft.audit.probes import trained_text
 from dpft.audit.scoring import ReferenceScores, encode_as_trained, suffix_logprobs, token_logprobs
 from dpft.audit.secret_extraction import SecretSpec, secret_extraction
 from dpft.audit.verbatim import verbatim_extraction
-from dpft.data.canaries import audit_prefix
+from dpft.data.canaries import CALIBRATION_FRACTION, audit_prefix, secret_words
 from dpft.errors import DpftError
 
 CONTENT_KEYS = ("prompt", "completion", "text", "messages")
+ONE_RUN_ALTERNATIVES = 8
 
 
 def run_audit(
@@ -41,6 +43,7 @@ def run_audit(
     secret_candidates: int = 100,
     n_boot: int = 200,
     verbatim: bool = True,
+    one_run_alternatives: int = ONE_RUN_ALTERNATIVES,
 ) -> dict:
     """Measure what a model leaks about its training records and canaries.
 
@@ -66,6 +69,8 @@ def run_audit(
         n_boot: bootstrap resamples for confidence intervals.
         verbatim: run the verbatim extraction (one greedy generation per audited record); a
             scenario with its own targeted extraction may skip it.
+        one_run_alternatives: random alternative secrets scored per one-run canary for the
+            "alternatives" score (0: that score is not computed; each costs one short sequence).
 
     Returns:
         The audit.json content: "settings", "mia", "verbatim", "secrets", "exposure", "one_run",
@@ -130,7 +135,12 @@ def run_audit(
             [c for c in canaries if c.get("kind") == "one_run"],
             delta or 0.0,
             batch_size,
+            one_run_alternatives,
+            seed,
         )
+        if one_run is not None and theoretical_epsilon:
+            one_run["theoretical_epsilon"] = theoretical_epsilon
+            one_run["fraction_of_guarantee"] = one_run["epsilon_lower_bound"] / theoretical_epsilon
     finally:
         model.train(was_training)
     return _jsonable(
@@ -143,6 +153,7 @@ def run_audit(
                 "max_new_tokens": max_new_tokens,
                 "max_records": max_records,
                 "num_candidates": num_candidates,
+                "one_run_alternatives": one_run_alternatives,
                 "secret_candidates": secret_candidates,
                 "bootstrap_resamples": n_boot,
                 "min_k_fraction": MIN_K_FRACTION,
@@ -204,21 +215,90 @@ def _membership(
 
 
 def _one_run(
-    model, reference: ReferenceScores | None, tokenizer, canaries: list[dict], delta: float, batch_size: int
+    model,
+    reference: ReferenceScores | None,
+    tokenizer,
+    canaries: list[dict],
+    delta: float,
+    batch_size: int,
+    alternatives: int,
+    seed: int,
 ) -> dict | None:
-    """One-run epsilon lower bound, scoring each canary by log P(secret | prefix).
-
-    With a reference model the score is calibrated (target minus reference log-prob), which
-    removes how likely a secret is a priori.
-    """
+    """One-run epsilon lower bound; the score and the guess split are chosen on the calibration canaries."""
     if not canaries:
         return None
+    scores = one_run_scores(model, reference, tokenizer, canaries, batch_size, alternatives, seed)
+    calibration, source = calibration_flags(canaries, seed)
+    result = one_run_audit(scores, [bool(c["included"]) for c in canaries], calibration, delta=delta)
+    result["calibration"]["source"] = source
+    result["scores"] = list(scores)
+    return result
+
+
+def one_run_scores(
+    model,
+    reference: ReferenceScores | None,
+    tokenizer,
+    canaries: Sequence[dict],
+    batch_size: int = 16,
+    alternatives: int = ONE_RUN_ALTERNATIVES,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every one-run score of each canary, higher = more likely inserted, in the order of preference.
+
+    From lp = log P(secret | prefix) (canary prefixes as `audit_prefix` gives them):
+    - "reference" (with a reference model): lp minus the reference's, which removes how likely
+      a secret is a priori;
+    - "loss": lp;
+    - "zlib": lp / the secret's zlib length in bytes;
+    - "alternatives" (when `alternatives` > 0 and every canary says where its secret was drawn
+      from): lp minus the mean lp of `alternatives` random secrets from the same space after the
+      same prefix, which removes how likely any secret is after that prefix, with no reference.
+    """
+    rng = np.random.default_rng(seed)
     items = [(c["prefix"], [c["secret"]]) for c in canaries]
-    scores = np.concatenate(suffix_logprobs(model, tokenizer, items, batch_size))
+    lp = np.concatenate(suffix_logprobs(model, tokenizer, items, batch_size))
+    scores = {}
     if reference is not None:
-        scores = scores - np.concatenate(reference.suffix_logprobs(tokenizer, items, batch_size))
-    result = one_run_audit(scores, [bool(c["included"]) for c in canaries], delta)
-    return {**result, "score": "calibrated" if reference is not None else "log_prob"}
+        scores["reference"] = lp - np.concatenate(reference.suffix_logprobs(tokenizer, items, batch_size))
+    scores["loss"] = lp
+    scores["zlib"] = lp / np.array([len(zlib.compress(c["secret"].encode("utf-8"))) for c in canaries], float)
+    others = [_alternative_secrets(c, alternatives, rng) for c in canaries] if alternatives > 0 else []
+    if others and all(others):
+        flat = [(c["prefix"], [alt]) for c, alts in zip(canaries, others, strict=True) for alt in alts]
+        alt_lp = np.concatenate(suffix_logprobs(model, tokenizer, flat, batch_size))
+        per_canary = np.split(alt_lp, np.cumsum([len(a) for a in others])[:-1])
+        scores["alternatives"] = lp - np.array([a.mean() for a in per_canary])
+    return scores
+
+
+def _alternative_secrets(canary: dict, count: int, rng: np.random.Generator) -> list[str]:
+    """`count` random secrets from the canary's secret space, without its own ([] when the space is unknown)."""
+    length = int(canary.get("secret_length") or 0)
+    if canary.get("secret_alphabet") and length:
+        return sample_candidates(canary["secret_alphabet"], length, count, canary["secret"], rng)
+    words = secret_words(canary["secret_words"]) if canary.get("secret_words") and length else None
+    if not words:
+        return []
+    out: set[str] = set()
+    while len(out) < min(count, len(words) ** length - 1):
+        draw = " ".join(words[i] for i in rng.integers(0, len(words), length))
+        if draw != canary["secret"]:
+            out.add(draw)
+    return sorted(out)
+
+
+def calibration_flags(canaries: Sequence[dict], seed: int) -> tuple[np.ndarray, str]:
+    """Which canaries choose the score and split: their "role" in canaries.jsonl, or a random part the audit draws.
+
+    Canaries written before roles existed get CALIBRATION_FRACTION of them, drawn with the audit's
+    seed: the split need not be secret, only independent of the inclusion coins.
+    """
+    if all(c.get("role") in ("calibration", "audit") for c in canaries):
+        return np.array([c["role"] == "calibration" for c in canaries]), "canaries (role)"
+    flags = np.zeros(len(canaries), bool)
+    flags[np.random.default_rng(seed).permutation(len(canaries))[: round(CALIBRATION_FRACTION * len(canaries))]] = True
+    return flags, "drawn by the audit (--seed)"
 
 
 def _jsonable(x):

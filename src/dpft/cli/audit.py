@@ -82,6 +82,12 @@ def audit(
     exposure_candidates: int = typer.Option(
         2000, "--exposure-candidates", min=2, help="Random secrets scored per exposure canary (cost grows with it)."
     ),
+    one_run_alternatives: int = typer.Option(
+        8,
+        "--one-run-alternatives",
+        min=0,
+        help="Random secrets scored per one-run canary for the 'alternatives' score (0: not computed).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print audit.json."),
 ) -> None:
     """Measure what a model leaks on any data: membership inference, verbatim and secret extraction,
@@ -108,6 +114,7 @@ def audit(
         n_boot=n_boot,
         dtype=dtype,
         exposure_candidates=exposure_candidates,
+        one_run_alternatives=one_run_alternatives,
     )
     if json_out:
         print(json.dumps(result))

@@ -7,6 +7,14 @@ import json
 import typer
 
 from dpft.cli.errors import handles_errors
+from dpft.data.canaries import DEFAULT_DESIGN, DESIGNS, ONE_RUN_CANARIES
+
+DESIGN_HELP = (
+    f"Design of the one-run canaries: {', '.join(DESIGNS)}. rare-prefix: a made-up two-word prefix, then "
+    "four random ordinary words (about ten tokens; in prompt/completion data the words alone are the "
+    "completion); random-words: 'The access code of <name> is <four random words>.'; name-digits: the same "
+    "sentence with six digits. Exposure canaries are always name-digits."
+)
 
 data_app = typer.Typer(no_args_is_help=True, help="Generate synthetic records, or check a data file.")
 
@@ -27,8 +35,9 @@ def synth_medical_cmd(
         5, "--canaries-per-repetition", help="Exposure canaries per repetition count (1, 2, 4, 8, 16, never)."
     ),
     one_run_canaries: int = typer.Option(
-        200, "--one-run-canaries", help="Canaries inserted with probability ½ (one-run audit)."
+        ONE_RUN_CANARIES, "--one-run-canaries", help="Canaries inserted with probability ½ (one-run audit)."
     ),
+    canary_design: str = typer.Option(DEFAULT_DESIGN, "--canary-design", help=DESIGN_HELP),
 ) -> None:
     """The seed's task: medical records → {last_name, condition}; split by patient; canaries."""
     from dpft.scenarios.medical.synth import synth_medical
@@ -42,6 +51,7 @@ def synth_medical_cmd(
         records_per_patient=counts,
         canaries_per_repetition=canaries_per_repetition,
         one_run_canaries=one_run_canaries,
+        canary_design=canary_design,
     )
     splits = manifest["splits"]
     print(f"{splits['train']['records']} training and {splits['holdout']['records']} held-out records → {output}")
@@ -62,8 +72,9 @@ def canaries_cmd(
         5, "--canaries-per-repetition", help="Exposure canaries per insertion count (never-inserted ones included)."
     ),
     one_run_canaries: int = typer.Option(
-        200, "--one-run-canaries", help="Canaries inserted with probability ½ (one-run audit)."
+        ONE_RUN_CANARIES, "--one-run-canaries", help="Canaries inserted with probability ½ (one-run audit)."
     ),
+    canary_design: str = typer.Option(DEFAULT_DESIGN, "--canary-design", help=DESIGN_HELP),
 ) -> None:
     """Exposure and one-run canaries shaped like your records, to mix into training and audit."""
     from pathlib import Path
@@ -77,6 +88,7 @@ def canaries_cmd(
         canary_repetitions=_int_list(canary_repetitions, "--canary-repetitions"),
         canaries_per_repetition=canaries_per_repetition,
         one_run_canaries=one_run_canaries,
+        canary_design=canary_design,
     )
     out = Path(output)
     print(

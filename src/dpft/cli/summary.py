@@ -39,7 +39,7 @@ def print_summary(models: dict[str, dict]) -> None:
         ("canary exposure, 8 reps", lambda m: _fmt(_exposure(m, "8"))),
         ("canary exposure, 16 reps", lambda m: _fmt(_exposure(m, "16"))),
         ("canary exposure, never inserted", lambda m: _fmt(_exposure(m, "0"))),
-        ("empirical ε lower bound", lambda m: _fmt(_get(m, "audit", "one_run", "epsilon_lower_bound"))),
+        ("empirical ε lower bound", _one_run_bound),
         ("compute dtype (what ran)", lambda m: _get(m, "dtype") or "n/a"),
     ]
     for label, cell in rows:
@@ -99,6 +99,16 @@ def _secret_rows(models: dict[str, dict]) -> list:
 
 def _pair(rank: dict) -> str:
     return f"{_fmt(rank.get('member_top1'), pct=True)} / {_fmt(rank.get('non_member_top1'), pct=True)}"
+
+
+def _one_run_bound(m: dict) -> str:
+    """The one-run bound, with its share of the guarantee and the score the calibration chose."""
+    o = _get(m, "audit", "one_run")
+    if not isinstance(o, dict):
+        return "n/a"
+    fraction = o.get("fraction_of_guarantee")
+    share = f", {fraction:.0%} of ε" if fraction is not None else ""
+    return f"{_fmt(o.get('epsilon_lower_bound'))} ({o.get('score')}, m={o.get('m')}{share})"
 
 
 def _exposure(m: dict, reps: str) -> Any:

@@ -13,12 +13,18 @@ rare condition (pancreatic cancer) and 8 records, is always a training patient. 
 split train/holdout, so members and non-members share one format and an audit can prompt
 with `{medical_record: "<First> <Last>` and check whether the true condition follows.
 
-Canaries are `text` records `{patient_registry: "<First> <Last> holds patient ID <6 digits>"}`
-(every token is a target), each with its own user_id. Their opening differs from the patient
-records', so the hundreds of canaries do not teach the model to continue every
-`{medical_record: "<Name>` prompt with a canary sentence (which would blind the extraction attack):
-- exposure canaries (Carlini et al. 2019), inserted 0 (reference), 1, 2, 4, 8 or 16 times;
-- one-run canaries (Steinke, Nasr & Jagielski 2023), each inserted once with probability ½.
+Canaries are `text` records (every token is a target), each with its own user_id. Their opening
+differs from the patient records', so the hundreds of canaries do not teach the model to continue
+every `{medical_record: "<Name>` prompt with a canary sentence (which would blind the extraction
+attack):
+- exposure canaries (Carlini et al. 2019), inserted 0 (reference), 1, 2, 4, 8 or 16 times:
+  `{patient_registry: "<First> <Last> holds patient ID <6 digits>"}`;
+- one-run canaries (Steinke, Nasr & Jagielski 2023), each inserted once with probability ½, in
+  the design `canary_design` names (`dpft.data.canaries.DESIGNS`): rare-prefix (the default)
+  `<two made-up words>: <four random words>`, about ten tokens; random-words, the exposure
+  sentence with four random words as the ID; name-digits, the exposure sentence itself. A random
+  quarter of them (`dpft.data.canaries.CALIBRATION_FRACTION`) have the role "calibration": the
+  audit chooses its score and guess split on them and tests once on the others.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ from pathlib import Path
 
 from faker import Faker
 
+from dpft.data.canaries import (
+    DEFAULT_DESIGN,
+    DESIGNS,
+    ONE_RUN_CANARIES,
+    draw_secret,
+    rare_prefix,
+    roles,
+    secret_space,
+)
 from dpft.errors import ConfigError
 from dpft.scenarios.medical.conditions import CONDITIONS, condition_frequencies
 from dpft.scenarios.medical.records import DUPONT, DUPONT_CONDITION, completion_text, prompt_text
@@ -79,10 +94,13 @@ class Canary:
     prefix: str
     secret: str
     repetitions: int
+    design: str = "name-digits"
+    suffix: str = CANARY_SUFFIX
+    role: str | None = None  # one-run canaries: "calibration" or "audit"
 
     @property
     def text(self) -> str:
-        return self.prefix + self.secret + CANARY_SUFFIX
+        return self.prefix + self.secret + self.suffix
 
 
 def synth_medical(
@@ -93,7 +111,8 @@ def synth_medical(
     records_per_patient: Sequence[int] = (1, 2, 4, 8),
     canary_repetitions: Sequence[int] = (1, 2, 4, 8, 16),
     canaries_per_repetition: int = 5,
-    one_run_canaries: int = 200,
+    one_run_canaries: int = ONE_RUN_CANARIES,
+    canary_design: str = DEFAULT_DESIGN,
 ) -> dict:
     """Generate the synthetic medical data set into output_dir.
 
@@ -107,6 +126,7 @@ def synth_medical(
             reference canaries).
         canaries_per_repetition: exposure canaries per repetition count, references included.
         one_run_canaries: canaries each inserted once with probability ½.
+        canary_design: the one-run canaries' design, one of `dpft.data.canaries.DESIGNS`.
 
     Returns:
         The manifest (also written as manifest.json).
@@ -121,6 +141,7 @@ def synth_medical(
         "canary_repetitions": list(canary_repetitions),
         "canaries_per_repetition": canaries_per_repetition,
         "one_run_canaries": one_run_canaries,
+        "canary_design": canary_design,
     }
     _check_options(options)
     rng = random.Random(seed)
@@ -162,6 +183,8 @@ def _check_options(options: dict) -> None:
         problems.append("--canaries-per-repetition must not be negative")
     if options["one_run_canaries"] < 0:
         problems.append("--one-run-canaries must not be negative")
+    if options["canary_design"] not in DESIGNS:
+        problems.append(f"--canary-design must be one of {', '.join(DESIGNS)}, not {options['canary_design']!r}")
     if problems:
         raise ConfigError(problems)
 
@@ -244,36 +267,51 @@ def _canaries(rng: random.Random, names: _NameSource, options: dict, first_index
     plan = [("exposure", r) for r in repetitions for _ in range(options["canaries_per_repetition"])]
     # Steinke et al.: independent fair coins decide which one-run canaries are trained on.
     plan += [("one_run", int(rng.random() < 0.5)) for _ in range(options["one_run_canaries"])]
-    secrets = rng.sample(range(len(SECRET_ALPHABET) ** SECRET_LENGTH), len(plan))
+    one_run_roles = iter(roles(rng, options["one_run_canaries"]))
+    taken: set[str] = set()
     canaries = []
-    for i, ((kind, count), secret) in enumerate(zip(plan, secrets, strict=True)):
-        first, last = names.draw()
+    for i, (kind, count) in enumerate(plan):
+        design = "name-digits" if kind == "exposure" else options["canary_design"]
+        secret = draw_secret(rng, design, taken)
+        if design == "rare-prefix":
+            opening = rare_prefix(rng)
+            while opening in taken:  # unique: nothing else in the data starts this way
+                opening = rare_prefix(rng)
+            taken.add(opening)
+            prefix, suffix = f"{opening}: ", ""
+        else:
+            first, last = names.draw()
+            prefix, suffix = f'{{patient_registry: "{first} {last} holds patient ID ', CANARY_SUFFIX
         canaries.append(
             Canary(
                 canary_id=f"{kind}-{i:04d}",
                 kind=kind,
                 user_id=f"P{first_index + i:05d}",
-                prefix=f'{{patient_registry: "{first} {last} holds patient ID ',
-                secret=f"{secret:0{SECRET_LENGTH}d}",
+                prefix=prefix,
+                secret=secret,
                 repetitions=count,
+                design=design,
+                suffix=suffix,
+                role=next(one_run_roles) if kind == "one_run" else None,
             )
         )
     return canaries
 
 
 def _canary_row(canary: Canary) -> dict:
-    return {
+    row = {
         "canary_id": canary.canary_id,
         "kind": canary.kind,
+        "design": canary.design,
         "user_id": canary.user_id,
         "prefix": canary.prefix,
         "secret": canary.secret,
         "text": canary.text,
-        "secret_alphabet": SECRET_ALPHABET,
-        "secret_length": SECRET_LENGTH,
+        **secret_space(canary.design),
         "repetitions": canary.repetitions,
         "included": canary.repetitions > 0,
     }
+    return row | ({"role": canary.role} if canary.role else {})
 
 
 def _manifest(seed: int, options: dict, train: list[Patient], holdout: list[Patient], canaries: list[Canary]) -> dict:
@@ -314,6 +352,8 @@ def _manifest(seed: int, options: dict, train: list[Patient], holdout: list[Pati
             "exposure_references": sum(c.kind == "exposure" and not c.repetitions for c in canaries),
             "one_run": sum(c.kind == "one_run" for c in canaries),
             "one_run_included": sum(c.kind == "one_run" and c.repetitions > 0 for c in canaries),
+            "one_run_calibration": sum(c.role == "calibration" for c in canaries),
+            "one_run_design": options["canary_design"],
             "secret_alphabet": SECRET_ALPHABET,
             "secret_length": SECRET_LENGTH,
         },
