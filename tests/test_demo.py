@@ -12,10 +12,6 @@ from dpft.errors import DpftError
 SECTIONS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon", "generations")
 
 
-def test_demo_defaults_to_a_thousand_short_one_run_canaries():
-    assert DemoOptions().one_run_canaries >= 1000 and DemoOptions().canary_design == "rare-prefix"
-
-
 def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     opts = DemoOptions(
         output=str(tmp_path / "demo"),

@@ -31,14 +31,11 @@ MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one su
 # training 428 s for 4404 examples = 0.63 proxy per micro-batch; audits of both models 141 s
 # for 200 records = 0.14 proxy per record.
 TRAIN_FACTOR, AUDIT_PROXIES = 0.63, 0.14
-# One-run canaries (rare-prefix: about 12 tokens each). 1000 are what a one-run bound of 3 or more
-# needs (750 audited, about 375 trained on; 100 correct "in" guesses out of 100 refute ε = 3), but
-# their cost is not timed yet: against 100 name-digits canaries they add 438 training records (about
-# 4.6k tokens, +14% per plain epoch) and 438 DP units (steps per DP epoch 2.2x; DP tokens per epoch
-# about +37%), plus 1000 short sequences scored per audited model and once for the base model. A
-# plug-in from one short SmolLM2 check (benchmarks/one_run_power.py: 23 steps, not the demo's ~240)
-# puts the plain model near 2.5 rather than 3; the demo itself has not been measured with them.
-DEMO_ONE_RUN_CANARIES = 1000
+# One-run canaries (rare-prefix: about 12 tokens each). 100, the count the 10-minute demo was timed
+# with (then name-digits canaries): 1000 (what a one-run bound of 3 needs: 750 audited, about 375 trained on) would add 438
+# training records (+14% tokens per plain epoch) and 438 DP units (2.2x the DP steps per epoch), which
+# the 10 minutes on 2 AVX2 cores do not hold; `dpft audit` and synth-medical default to 1000.
+DEMO_ONE_RUN_CANARIES = 100
 # The "alternatives" one-run score costs this many more short sequences per canary and model.
 DEMO_ONE_RUN_ALTERNATIVES = 0
 PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
