@@ -3,12 +3,11 @@
     python benchmarks/utility.py --output /tmp/utility                   # embedded model: about 1 h (estimate)
     python benchmarks/utility.py --device cuda --output /tmp/utility-gpu  # the same on a GPU
 
-Expected time on 2 AVX2 cores in fp32 (no native bf16): about 1 hour — an ESTIMATE, not yet
-measured. It scales the demo's measured cost, about 0.1 s per trained example (README: plain, 2,544
-examples in 4 min 6 s; DP, 30 steps of ~64 patients in 3 min), to this benchmark's defaults:
-plain 3 epochs over 6,017 training records (1,129 steps of 16, ~29 min), each DP run 5 epochs over
-1,600 patients (125 steps of ~64, ~13 min, two of them), and greedy answers to 300 held-out records
-per model (1–2 min each, a guess: the demo never timed its utility evaluation alone).
+Measured on the 2-core AMD EPYC with native bf16 (auto -> bf16): plain 18 min 26 s alone (1,129
+steps), DP 8 min 20 s per ε (125 steps) when alone, evaluation ~20 s per model: about 36 minutes.
+On 2 AVX2 cores in fp32 expect roughly twice that (an estimate from the demo's costs, not measured).
+First results (plain at lr 2e-3; DP ε = 8: 86.3% [82.0, 89.8], DP/plain 0.89 [0.85, 0.93]; ε = 3:
+78.7%, 0.81 [0.76, 0.86]; plain 97.0%) are in docs/dp-utility.md.
 
 The seed task: `dpft data synth-medical`'s records (`synth_medical`, its defaults: 2000 patients
 with 1, 2, 4 or 8 records each, 20% of the patients held out whole; the demo draws 1, 2 or 4 to
@@ -16,7 +15,8 @@ fit its 10 minutes), no canaries; the model reads a free-text medical record and
 `{last_name: "<Last>", condition: "<condition>"}`. Training
 is `dpft.train` with the demo's settings (`dpft.demo.demo_config`: LoRA r = 16, α = 32 on all
 linear layers of the last 15 blocks, loss on all tokens, linear decay of the rate, micro-batches of
-32, max length 96). Plain: `--no-dp`, 3 epochs, expected batch 16 records, lr 1e-2. DP: privacy unit
+32, max length 96). Plain: `--no-dp`, 3 epochs, expected batch 16 records, lr 2e-3 (the demo's 1e-2 diverged over
+these 1,129 steps). DP: privacy unit
 = patient (`--privacy-unit user`, one record per patient, chosen once), expected batch 64 patients,
 5 epochs, lr 1e-2, δ = 1e-5, σ calibrated to each target ε; sampling and noise from OS entropy, as
 `dpft train` does by default. Each run's ε is read from its privacy.json.
@@ -62,6 +62,7 @@ from dpft.training.config import TrainConfig
 from dpft.training.progress import format_duration
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+PLAIN_LR = 2e-3  # the plain run's peak rate over ~1,100 steps of 16 records
 CHECKPOINT_EVERY = 50  # steps; only for resuming an interrupted run (the demo, 10 minutes long, writes none)
 # Options that do not change what is trained; every other one must match the runs kept in --output.
 INVOCATION_ONLY = (
@@ -91,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp-epochs", type=float, default=d.dp_epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="plain: expected batch, records")
     p.add_argument("--dp-batch-size", type=int, default=d.dp_batch_size, help="DP: expected batch, patients")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (linear decay to 0)")
-    p.add_argument("--dp-lr", type=float, default=None, help="DP runs' peak rate (default: --lr)")
+    # The demo's 1e-2 diverged here (plain loss 4.1 -> 10.2 at 1129 steps, 0.0% exact); 2e-3 did not.
+    p.add_argument("--lr", type=float, default=PLAIN_LR, help="plain run's peak learning rate (linear decay to 0)")
+    p.add_argument("--dp-lr", type=float, default=d.dp_lr, help="DP runs' peak rate (linear decay to 0)")
     p.add_argument("--dp-records-per-patient", type=int, default=d.dp_records_per_patient)
     p.add_argument("--lora-layers", type=int, default=d.lora_layers, help="LoRA on the last N blocks")
     p.add_argument("--micro-batch-size", type=int, default=MICRO_BATCH, help="examples per forward pass")
@@ -114,7 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("nothing to run: --skip-plain and no --epsilons")
     if args.holdout_sample < 1:
         p.error("--holdout-sample must be at least 1")
-    args.dp_lr = args.lr if args.dp_lr is None else args.dp_lr
     return args
 
 
