@@ -148,9 +148,14 @@ def random_words(rng: random.Random, count: int = SECRET_WORDS) -> str:
     return " ".join(rng.choice(words) for _ in range(count))
 
 
-def rare_prefix(rng: random.Random) -> str:
-    """Two made-up words of three syllables each ("zuvoka kelipa"): rare strings, cut into rare tokens."""
-    return " ".join(made_up_word(rng) for _ in range(PREFIX_WORDS))
+def rare_prefix(rng: random.Random, taken: set[str]) -> str:
+    """Two made-up words of three syllables each ("zuvoka kelipa"), not in `taken` (added to it):
+    rare strings, cut into rare tokens, and unique, so nothing else in the data starts this way."""
+    while True:
+        opening = " ".join(made_up_word(rng) for _ in range(PREFIX_WORDS))
+        if opening not in taken:
+            taken.add(opening)
+            return opening
 
 
 def made_up_word(rng: random.Random) -> str:
@@ -209,10 +214,7 @@ def _draw(rng: random.Random, kind: str, with_users: bool, plan: list[tuple[str,
         shape = "name-digits" if kind_of == "exposure" else design
         secret = draw_secret(rng, shape, taken)
         if shape == "rare-prefix":
-            opening = rare_prefix(rng)
-            while opening in taken:  # unique: nothing else in the data starts this way
-                opening = rare_prefix(rng)
-            taken.add(opening)
+            opening = rare_prefix(rng, taken)
             prefix, record = _shape_rare(kind, opening, secret)
         else:
             prefix, record = _shape(kind, name, secret)

@@ -274,10 +274,7 @@ def _canaries(rng: random.Random, names: _NameSource, options: dict, first_index
         design = "name-digits" if kind == "exposure" else options["canary_design"]
         secret = draw_secret(rng, design, taken)
         if design == "rare-prefix":
-            opening = rare_prefix(rng)
-            while opening in taken:  # unique: nothing else in the data starts this way
-                opening = rare_prefix(rng)
-            taken.add(opening)
+            opening = rare_prefix(rng, taken)
             prefix, suffix = f"{opening}: ", ""
         else:
             first, last = names.draw()
