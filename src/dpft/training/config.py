@@ -21,6 +21,7 @@ from dpft.errors import ConfigError
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.models.precision import DTYPE_CHOICES, DTYPES
 from dpft.privacy.accounting import ACCOUNTANTS
+from dpft.training.optimizer import OPTIMIZERS
 from dpft.training.schedule import SCHEDULES
 
 # Fields that describe this invocation, not the run's settings: never saved in config.yaml.
@@ -105,10 +106,15 @@ class TrainConfig:
     micro_batch_size: int = _opt(8, "Examples per forward/backward pass (memory cap); does not change the privacy.")
     epochs: float = _opt(3.0, "Planned epochs (steps = epochs × units / batch_size).")
     max_steps: int | None = _opt(None, "Planned steps; wins over --epochs when given.")
-    lr: float = _opt(5e-3, "AdamW learning rate (the peak, with a schedule).")
+    lr: float = _opt(5e-3, "Learning rate (the peak, with a schedule).")
+    optimizer: str = _opt(
+        "adamw",
+        "adamw, or dp-adambc: AdamW with the DP noise variance (σC/B)² removed from its second moment "
+        "(Tang et al. 2023; post-processing, same guarantee; wants a far smaller --lr).",
+    )
     lr_schedule: str = _opt("constant", "Learning-rate schedule: constant, linear or cosine (decay to 0).")
     warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    weight_decay: float = _opt(0.0, "Decoupled (AdamW) weight decay.")
     seed: int = _opt(0, "Seed of the adapters' initialisation (public; sampling and noise never use it).")
     # Operations.
     checkpoint_every: int = _opt(
@@ -180,6 +186,7 @@ def _check_choices(c: TrainConfig) -> list[str]:
         "--accountant": (c.accountant, ACCOUNTANTS),
         "--privacy-unit": (c.privacy_unit, PRIVACY_UNITS),
         "--lr-schedule": (c.lr_schedule, SCHEDULES),
+        "--optimizer": (c.optimizer, OPTIMIZERS),
     }
     return [
         f"{flag} must be one of {', '.join(ok)} (got {value!r})"

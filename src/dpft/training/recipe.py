@@ -44,6 +44,7 @@ from dpft.training.config import RUN_ONLY, TrainConfig
 from dpft.training.distributed import Parallel
 from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
+from dpft.training.optimizer import build_optimizer
 from dpft.training.progress import Progress
 from dpft.training.report import data_report, privacy_report
 from dpft.training.run_dir import (
@@ -203,7 +204,7 @@ def setup(config: TrainConfig) -> Run:
     model = par.prepare(model)  # every rank from rank 0's weights; --fsdp: then sharded
     step = PrivacyStep(model, mechanism, budget_spec, randomness, journal, reducer=par.reducer(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay, mechanism)
     step.attach(optimizer)
     stats = {
         "records": len(records),
