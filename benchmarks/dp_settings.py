@@ -32,7 +32,16 @@ from dpft.models.precision import describe_hardware, dtype_name, resolve_dtype
 from dpft.training.config import TrainConfig
 from dpft.training.progress import format_duration
 
-DATA_SETTINGS = ("model", "patients", "records_per_patient", "seed", "delta", "micro_batch_size", "dtype")
+DATA_SETTINGS = (
+    "model",
+    "patients",
+    "records_per_patient",
+    "seed",
+    "delta",
+    "lora_layers",
+    "micro_batch_size",
+    "dtype",
+)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -46,9 +55,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"--variant {name}: {key!r} is not a dpft train setting")
-        kind = str(types[key])
-        changes[key] = int(value) if "int" in kind else float(value) if "float" in kind else value
+        changes[key] = _typed(value, str(types[key]))
     return name, changes
+
+
+def _typed(value: str, kind: str) -> Any:
+    if value == "none" and "None" in kind:
+        return None
+    if "bool" in kind:
+        return value == "true"
+    return int(value) if "int" in kind else float(value) if "float" in kind else value
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -61,24 +77,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     base = Path(args.base).resolve()
     settings = json.loads((base / "benchmark.json").read_text())
     uargs = utility.parse_args(["--output", str(base), "--quiet"] if args.quiet else ["--output", str(base)])
-    for key in DATA_SETTINGS:  # the base's data and model; the DP settings and the sample are utility.py's defaults
+    for key in DATA_SETTINGS:  # the base's data and model; the DP settings are utility.py's defaults
         setattr(uargs, key, settings[key])
     device = resolve_device(uargs.device)
     dtype = resolve_dtype(uargs.dtype, device)
     data = base / "data"
     holdout = utility._jsonl(data / "holdout.jsonl")
-    sample = utility.holdout_sample(holdout, uargs.holdout_sample, uargs.sample_seed)
-    records = [holdout[i] for i in sample]
-    plain = json.loads((base / "runs" / "plain" / "benchmark-utility.json").read_text())["utility"]["per_record"][
-        "full"
-    ]
+    # The plain model's evaluation names the held-out sample: every variant is scored on the same records.
+    plain_eval = json.loads((base / "runs" / "plain" / "benchmark-utility.json").read_text())
+    sample, eval_batch = plain_eval["key"]["sample"], plain_eval["key"]["batch_size"]
+    records, plain = [holdout[i] for i in sample], plain_eval["utility"]["per_record"]["full"]
     rows = []
     for name, changes in map(parse_variant, args.variant):
         run = base / "settings" / name
         cfg = replace(utility._config(uargs, data, run, args.epsilon, dtype), **changes)
         start = time.perf_counter()
         privacy, train_s, how = utility._train_or_reuse(cfg, run)
-        utility_, _, _ = utility._evaluate_or_reuse(run, records, sample, device, dtype, uargs.eval_batch_size)
+        utility_, _, _ = utility._evaluate_or_reuse(run, records, sample, device, dtype, eval_batch)
         entry = utility._model_entry(run, args.epsilon, privacy, utility_) | {
             "variant": name,
             "changes": changes,
@@ -120,10 +135,11 @@ def table(result: dict) -> str:
     for x in result["runs"]:
         em, ci, r = x["exact_match"], x["exact_match_ci"], x["dp_over_plain"]
         changes = ", ".join(f"{k}={v}" for k, v in x["changes"].items()) or "—"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f} [{utility._range(r['ratio_ci'], '.2f')}]"
         lines.append(
-            f"| {x['variant']} | {changes} | {x['noise_multiplier']:.3g} | {x['steps']} | {em['full']:.1%} "
-            f"[{ci[0]:.1%}, {ci[1]:.1%}] | {em['last_name']:.1%} | {em['condition']:.1%} | {r['ratio']:.2f} "
-            f"[{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}] | {format_duration(x['train_s'])} |"
+            f"| {x['variant']} | {changes} | {utility._num(x['noise_multiplier'])} | {x['steps']} | {em['full']:.1%} "
+            f"[{utility._range(ci, '.1%')}] | {em['last_name']:.1%} | {em['condition']:.1%} | {ratio} "
+            f"| {utility._seconds(x['train_s'])} |"
         )
     return "\n".join(lines)
 

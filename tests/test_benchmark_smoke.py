@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
 
@@ -126,6 +127,21 @@ def test_utility_benchmark_runs_on_a_tiny_model(tmp_path: Path, tiny_model_dir: 
     assert any(line.startswith("| dp-eps3 | 3 |") for line in lines) and "Ran on: CPU" in done.stdout
     prompts = [json.loads(line)["prompt"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert not any(p in done.stdout + done.stderr for p in prompts)  # no training text in the output
+    _dp_settings_varies_one_setting(out, plain["per_record"], prompts)
+
+
+def _dp_settings_varies_one_setting(base: Path, plain: list[bool], prompts: list[str]) -> None:
+    """benchmarks/dp_settings.py on the utility run: the variant's setting changed, the rest as utility.py's DP run."""
+    cmd = [sys.executable, str(SCRIPT.parent / "dp_settings.py"), "--base", str(base), "--quiet"]
+    cmd += ["--variant", "b4:batch_size=4,epochs=1,max_grad_norm=0.5", "--epsilon", "3"]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    (row,) = json.loads((base / "settings.json").read_text())["runs"]
+    cfg = yaml.safe_load((base / "settings" / "b4" / "config.yaml").read_text())
+    assert (cfg["batch_size"], cfg["epochs"], cfg["max_grad_norm"], cfg["lora_layers"]) == (4, 1.0, 0.5, 1)
+    assert (cfg["privacy_unit"], cfg["max_records_per_user"], cfg["lr"], cfg["epsilon"]) == ("user", 1, 1e-2, 3.0)
+    assert row["records"] == len(plain) and row["changes"] == {"batch_size": 4, "epochs": 1.0, "max_grad_norm": 0.5}
+    assert any(line.startswith("| b4 | batch_size=4") for line in done.stdout.splitlines())
+    assert not any(p in done.stdout + done.stderr for p in prompts)
 
 
 @pytest.mark.slow

@@ -102,7 +102,12 @@ class TrainConfig:
         None, "Privacy budget ledger file (default: $DPFT_LEDGER or ~/.cache/dpft/ledger.sqlite)."
     )
     # Optimisation.
-    batch_size: int = _opt(64, "Expected logical batch size: each unit is sampled with probability batch_size / units.")
+    batch_size: int | None = _opt(
+        None,
+        "Expected logical batch (units per step): each unit is sampled with probability batch_size / units. "
+        "Default: under DP, from the number of units and --epochs (the largest batch that still gives 32 steps, "
+        "at least 32; docs/dp-utility.md says why); without DP, 64.",
+    )
     micro_batch_size: int = _opt(8, "Examples per forward/backward pass (memory cap); does not change the privacy.")
     epochs: float = _opt(3.0, "Planned epochs (steps = epochs × units / batch_size).")
     max_steps: int | None = _opt(None, "Planned steps; wins over --epochs when given.")
@@ -200,12 +205,16 @@ def _check_numbers(c: TrainConfig) -> list[str]:
         "--lora-r": c.lora_r,
         "--lora-alpha": c.lora_alpha,
         "--max-length": c.max_length,
-        "--batch-size": c.batch_size,
+        "--batch-size": c.batch_size,  # None: chosen from N and the budget (training/auto_batch.py)
         "--micro-batch-size": c.micro_batch_size,
         "--lr": c.lr,
         "--max-records-per-user": c.max_records_per_user,
     }
-    out = [f"{flag} must be a finite number > 0 (got {v})" for flag, v in positive.items() if not (0 < v < math.inf)]
+    out = [
+        f"{flag} must be a finite number > 0 (got {v})"
+        for flag, v in positive.items()
+        if v is not None and not (0 < v < math.inf)
+    ]
     if c.max_steps is None and not (c.epochs > 0 and math.isfinite(c.epochs)):
         out.append(f"--epochs must be > 0 (got {c.epochs})")
     if c.max_steps is not None and c.max_steps <= 0:

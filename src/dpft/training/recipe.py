@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
 from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
+from dpft.training.auto_batch import auto_batch_size
 from dpft.training.budget import DatasetBudget
 from dpft.training.config import RUN_ONLY, TrainConfig
 from dpft.training.distributed import Parallel
@@ -91,6 +93,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     c = run.config
     if run.par.is_main:
         announce(run.dtype, run.par.device)  # after every check in setup: an error stays the only line
+        if config.batch_size is None and not config.resume:
+            print(
+                f"batch: {c.batch_size} units per step (auto, from {len(run.units)} units and the budget)",
+                file=sys.stderr,
+            )
     stop_reason = "completed the planned steps"
     run.model.train()
     label = "plain fine-tune" if c.no_dp else "DP fine-tune"
@@ -182,6 +189,10 @@ def setup(config: TrainConfig) -> Run:
     lengths = [len(e.input_ids) for e in data.examples]
     units = par.agreed_units(PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness, lengths))
     units.micro_batches(range(len(units)), config.micro_batch_size)  # a unit too big fails now, not mid-run
+    if config.batch_size is None:  # config.yaml records the batch chosen, so a resume runs the same
+        config = replace(
+            config, batch_size=auto_batch_size(len(units), config.epochs, config.max_steps, not config.no_dp)
+        )
     q = sample_rate_for(config.batch_size, len(units))
     planned = config.max_steps or max(1, math.ceil(config.epochs * len(units) / config.batch_size))
     mechanism, allowed = _plan_mechanism(config, q, planned, len(units))
