@@ -1,17 +1,22 @@
 """Which DP settings raise utility: DP fine-tunes that differ from the utility benchmark's in one setting.
 
     python benchmarks/utility.py --output /tmp/utility --epsilons ""         # data + the plain model, once
-    python benchmarks/dp_settings.py --base /tmp/utility \\
-        --variant base: --variant b128:batch_size=128,epochs=10 --variant c01:max_grad_norm=0.1
+    python benchmarks/dp_settings.py --base /tmp/utility --quiet --variant base: \
+        --variant b128:batch_size=128 --variant b256:batch_size=256 --variant e10:epochs=10 \
+        --variant b128e10:batch_size=128,epochs=10 --variant c01:max_grad_norm=0.1 \
+        --variant b128c3:batch_size=128,max_grad_norm=3 --variant bc:optimizer=dp-adambc,lr=5e-5 \
+        --variant nodp:no_dp=true,epsilon=none
 
 Each `--variant NAME:FIELD=VALUE,...` is the utility benchmark's DP run (`benchmarks/utility.py`'s
-defaults: the demo's LoRA, one record per patient, expected batch 64, 5 epochs, lr 1e-2 linear)
+defaults: the demo's LoRA, one record per patient, expected batch 64, 5 epochs, lr 1e-2 linear, C = 1)
 with those `dpft train` settings changed (any TrainConfig field: batch_size, epochs, max_steps, lr,
-lr_schedule, max_grad_norm, optimizer, lora_r, lora_layers, max_records_per_user, ...), trained at
-`--epsilon` per patient on the base's data and scored on the base's held-out sample, paired with its
+lr_schedule, max_grad_norm, optimizer, lora_r, lora_layers, max_records_per_user, no_dp, ...; `none`
+and `true`/`false` where the field takes them), trained at `--epsilon` per patient on the base's data
+and scored on the base's held-out sample (the one its plain model was scored on), paired with that
 plain model. Runs are kept in `<base>/settings/<NAME>` and reused by a re-run; `<base>/settings.json`
-collects every variant scored so far, and a markdown table goes to stdout with the compute of each
-run (examples processed, relative to the base variant) beside its utility.
+collects every variant scored so far with its compute (`unit_draws`: steps × expected batch), and a
+markdown table goes to stdout. Each DP run takes about 8 minutes on the 2-core native-bf16 EPYC (bf16);
+the results are in docs/dp-utility.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ def test_dp_batch_spends_the_budget_in_the_target_steps():
     n = 40 * DP_TARGET_STEPS  # 5 epochs: a batch of 200 gives the target steps exactly
     assert auto_batch_size(n, 5.0, None, dp=True) == 200
     assert auto_batch_size(n, 10.0, None, dp=True) == 400  # twice the budget: twice the batch, same steps
-    assert auto_batch_size(n, 5.0, DP_TARGET_STEPS // 2, dp=True) == 400  # steps fixed by the user: the budget split into them
+    # steps fixed by the user: the budget is split into them
+    assert auto_batch_size(n, 5.0, DP_TARGET_STEPS // 2, dp=True) == 400
 
 
 def test_dp_batch_has_a_floor_and_never_exceeds_the_units():

@@ -107,7 +107,7 @@ def test_single_process_parallel_is_the_identity(monkeypatch):
     units = np.array([1, 4, 7])
     assert par.local_units(units, [], []) is units
     losses = [torch.tensor([1.0, 2.0]), torch.tensor([4.0])]
-    assert par.mean_loss(losses) == torch.cat(losses).mean().item()
+    assert par.step_mean(losses) == torch.cat(losses).mean().item()
 
 
 def test_all_reduce_sums_in_a_group_of_one(tmp_path):
@@ -273,6 +273,7 @@ def test_two_processes_equal_one(two_process_runs, tiny_model_dir, name, one_tor
     assert [(r["batch_size"], r["examples"]) for r in rows[0]] == [(r["batch_size"], r["examples"]) for r in rows[1]]
     for a, b in zip(rows[0], rows[1], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, nan_ok=True)
+        assert a["clipped_fraction"] == pytest.approx(b["clipped_fraction"], nan_ok=True)  # counted over both ranks
     w1, w2 = _adapter(one), _adapter(two)
     assert set(w1) == set(w2)
     for key in w1:

@@ -195,3 +195,16 @@ def test_frozen_prefix_cache_trains_the_same_weights(tmp_path, tiny_model_dir, m
     cached, full = (load_file(tmp_path / r / "model" / "adapter_model.safetensors") for r in ("cached", "full"))
     for name in full:
         torch.testing.assert_close(cached[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("bound", "fraction"), [(1e-6, 1.0), (1e6, 0.0)])
+def test_private_log_has_the_clipped_fraction(tmp_path, tiny_model_dir, bound, fraction):
+    data = write_records(tmp_path / "d.jsonl")
+    dpft.train(str(data), str(tmp_path / "run"), **base_options(tiny_model_dir, max_grad_norm=bound, max_steps=3))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "private" / "train-log.jsonl").read_text().splitlines()]
+    assert [r["clipped_fraction"] for r in rows if r["batch_size"]] == [fraction] * sum(
+        bool(r["batch_size"]) for r in rows
+    )
+    assert all(
+        "clipped" not in r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    )

@@ -336,7 +336,7 @@ class DPTrainerMixin:
         dp.step.finish()  # several processes: noise on rank 0 only, then one all-reduce of the clipped sums
         dp.steps_done = t + 1
         dp.batch_sizes.append(len(units))
-        loss = dp.par.mean_loss(losses)  # the whole step's (private); a collective when distributed
+        loss = dp.par.step_mean(losses)  # the whole step's (private); a collective when distributed
         if dp.par.is_main:
             append_row(dp.paths.metrics, {"step": t + 1, "epsilon": dp.step.epsilon, "lr": lr})
             private = {

@@ -2,21 +2,21 @@
 
 The compute budget is `--epochs` (passes over the units, i.e. unit gradients computed); the batch
 decides how that budget is split into steps. Under DP, with AdamW, a linearly decaying rate of 1e-2
-and LoRA (the demo's settings; measured at 1600 patients, ε = 8, `benchmarks/dp_settings.py`,
-docs/dp-utility.md): the same budget in 32 steps of 256 patients did at least as well as 125 steps of
-64 (88.0% vs 86.3%), and twice the budget spent on twice the steps lost 26 points. Adam divides by the noise-dominated second
-moment, so every step moves all coordinates by about the rate whatever the noise: fewer, larger
-(less noisy) steps win. So the batch is the largest that still gives DP_TARGET_STEPS steps (the
-demo's 30 steps of 64 patients fit the same rule), never below MIN_DP_BATCH. Without DP the old
-default, 64 records, stays. The rule reads N and the budget only, never the data: N is public
-already (privacy.json's num_units, needed to state q).
+and LoRA (the demo's settings), measured at 1600 patients and ε = 8 (`benchmarks/dp_settings.py`,
+docs/dp-utility.md), the same budget gave 88.0% in 32 steps of 256 patients, 89.0% in 63 of 128 and
+86.3% in 125 of 64; twice the budget spent on twice the steps (250 of 64) gave 60.7%. Adam divides
+by its noise-dominated second moment, so each step moves every coordinate by about the rate however
+small the noise: fewer, larger (less noisy) steps win. So the batch is the largest that still gives
+DP_TARGET_STEPS steps (the best measured), never below MIN_DP_BATCH. Without DP the old default,
+64 records, stays. The rule reads N and the budget only, never the data: N is public already
+(privacy.json's num_units, needed to state q).
 """
 
 from __future__ import annotations
 
 import math
 
-DP_TARGET_STEPS = 32
+DP_TARGET_STEPS = 64
 MIN_DP_BATCH = 32
 NON_PRIVATE_BATCH = 64
 

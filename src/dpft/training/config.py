@@ -105,7 +105,7 @@ class TrainConfig:
     batch_size: int | None = _opt(
         None,
         "Expected logical batch (units per step): each unit is sampled with probability batch_size / units. "
-        "Default: under DP, from the number of units and --epochs (the largest batch that still gives 32 steps, "
+        "Default: under DP, from the number of units and --epochs (the largest batch that still gives 64 steps, "
         "at least 32; docs/dp-utility.md says why); without DP, 64.",
     )
     micro_batch_size: int = _opt(8, "Examples per forward/backward pass (memory cap); does not change the privacy.")

@@ -156,12 +156,12 @@ class Parallel:
         others waiting, or pair their collectives wrongly). `passes`: each rank's micro-batch count."""
         return max(passes) - passes[self.rank] if self.fsdp else 0
 
-    def mean_loss(self, losses: list[torch.Tensor]) -> float:
-        """Mean per-example loss of the whole logical step (private bookkeeping, outside the DP sum)."""
+    def step_mean(self, values: list[torch.Tensor]) -> float:
+        """Mean of per-example or per-unit values over the whole logical step, every rank (private bookkeeping)."""
         if not self.distributed:
-            return torch.cat(losses).mean().item() if losses else float("nan")
-        total = torch.cat(losses).double().sum().item() if losses else 0.0
-        count = sum(x.numel() for x in losses)
+            return torch.cat(values).mean().item() if values else float("nan")
+        total = torch.cat(values).double().sum().item() if values else 0.0
+        count = sum(x.numel() for x in values)
         both = torch.tensor([total, float(count)], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(both)
         total, count = both[0].item(), int(both[1].item())

@@ -131,7 +131,7 @@ def _train_step(run: Run, t: int) -> None:
     units = run.sampler.sample(t)  # data-parallel: drawn on rank 0, the same on every rank
     shares = run.par.shares(units, run.units.unit_examples, run.examples)  # [all of them] in one process
     batches = [run.units.micro_batches(share, c.micro_batch_size) for share in shares]
-    losses = []
+    losses, clipped = [], []
     for examples, unit_index in batches[run.par.rank]:
         batch = _on(collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id), run.par.device)
         unit_index = unit_index.to(run.par.device)
@@ -141,15 +141,17 @@ def _train_step(run: Run, t: int) -> None:
             else:
                 logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 per_example = example_losses(logits, batch["labels"])
-        run.step.backward(per_example, unit_index)
+        norms = run.step.backward(per_example, unit_index)
         losses.append(per_example.detach())
+        clipped.append((norms > c.max_grad_norm).float())  # NaN norms (--no-dp) compare False
     for _ in range(run.par.idle_passes([len(b) for b in batches])):  # --fsdp: ranks pass in lockstep
         _idle_pass(run)
     run.step.finish()  # data-parallel: noise on rank 0 only, then one all-reduce of the clipped sums
     run.optimizer.step()
     run.steps_done = t + 1
     run.batch_sizes.append(len(units))
-    loss = run.par.mean_loss(losses)
+    loss = run.par.step_mean(losses)
+    clipped_fraction = None if c.no_dp else run.par.step_mean(clipped)  # private: how many units C clipped
     if not run.par.is_main:
         return
     append_row(run.paths.metrics, {"step": t + 1, "epsilon": run.step.epsilon, "lr": lr})
@@ -157,6 +159,7 @@ def _train_step(run: Run, t: int) -> None:
     private = {
         "step": t + 1,
         "loss": loss,
+        "clipped_fraction": clipped_fraction,
         "batch_size": len(units),
         "examples": run.units.examples_of(units),
         "seconds": round(seconds, 4),
