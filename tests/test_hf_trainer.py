@@ -106,6 +106,15 @@ def test_same_batches_epsilon_and_weights_as_dpft_train(tmp_path, tiny_model_dir
         assert (tmp_path / "hf" / name).is_file()
 
 
+@pytest.mark.parametrize(("bound", "fraction"), [(1e-6, 1.0), (1e6, 0.0)])
+def test_private_log_has_the_clipped_fraction(tmp_path, tiny_model_dir, bound, fraction):
+    dp_trainer(tmp_path, tiny_model_dir, priv=privacy(max_grad_norm=bound)).train()
+    rows = [json.loads(r) for r in (tmp_path / "hf" / "private" / "train-log.jsonl").read_text().splitlines()]
+    sampled = [r["clipped_fraction"] for r in rows if r["batch_size"]]
+    assert sampled and sampled == [fraction] * len(sampled)
+    assert "clipped" not in (tmp_path / "hf" / "metrics.jsonl").read_text()
+
+
 @pytest.mark.parametrize(
     ("args_extra", "priv_extra", "needle"),
     [

@@ -324,24 +324,27 @@ class DPTrainerMixin:
         dp.step.begin(t)  # the hard stop and the journal line come before any data is read
         units = dp.sampler.sample(t)  # several processes: drawn on rank 0, the same on every rank
         mine = dp.par.local_units(units, dp.units.unit_examples, dp.data.examples)  # all of them in one process
-        losses = []
+        losses, clipped = [], []
         pad = self.processing_class.pad_token_id
         for examples, unit_index in dp.units.micro_batches(mine, self.args.per_device_train_batch_size):
             batch = collate([dp.data.examples[i] for i in examples], pad)
             batch = {k: v.to(self.args.device) for k, v in batch.items()}
             with self.compute_loss_context_manager():
                 per_example = self.example_losses(model, batch)
-            dp.step.backward(per_example, unit_index.to(per_example.device))
+            norms = dp.step.backward(per_example, unit_index.to(per_example.device))
             losses.append(per_example.detach())
+            clipped.append((norms > self.privacy_args.max_grad_norm).float())
         dp.step.finish()  # several processes: noise on rank 0 only, then one all-reduce of the clipped sums
         dp.steps_done = t + 1
         dp.batch_sizes.append(len(units))
         loss = dp.par.step_mean(losses)  # the whole step's (private); a collective when distributed
+        clipped_fraction = dp.par.step_mean(clipped)  # private: how many units C clipped
         if dp.par.is_main:
             append_row(dp.paths.metrics, {"step": t + 1, "epsilon": dp.step.epsilon, "lr": lr})
             private = {
                 "step": t + 1,
                 "loss": loss,
+                "clipped_fraction": clipped_fraction,
                 "batch_size": len(units),
                 "examples": dp.units.examples_of(units),
                 "seconds": round(time.perf_counter() - started, 4),
