@@ -34,6 +34,7 @@ import utility
 from dpft.atomic_write import write_text_atomic
 from dpft.models.device import resolve_device
 from dpft.models.precision import describe_hardware, dtype_name, resolve_dtype
+from dpft.output_claim import read_jsonl
 from dpft.training.config import TrainConfig
 from dpft.training.progress import format_duration
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = resolve_device(uargs.device)
     dtype = resolve_dtype(uargs.dtype, device)
     data = base / "data"
-    holdout = utility._jsonl(data / "holdout.jsonl")
+    holdout = read_jsonl(data / "holdout.jsonl")
     # The plain model's evaluation names the held-out sample: every variant is scored on the same records.
     plain_eval = json.loads((base / "runs" / "plain" / "benchmark-utility.json").read_text())
     sample, eval_batch = plain_eval["key"]["sample"], plain_eval["key"]["batch_size"]
@@ -138,13 +139,9 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for x in result["runs"]:
-        em, ci, r = x["exact_match"], x["exact_match_ci"], x["dp_over_plain"]
         changes = ", ".join(f"{k}={v}" for k, v in x["changes"].items()) or "—"
-        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f} [{utility._range(r['ratio_ci'], '.2f')}]"
         lines.append(
-            f"| {x['variant']} | {changes} | {utility._num(x['noise_multiplier'])} | {x['steps']} | {em['full']:.1%} "
-            f"[{utility._range(ci, '.1%')}] | {em['last_name']:.1%} | {em['condition']:.1%} | {ratio} "
-            f"| {utility._seconds(x['train_s'])} |"
+            f"| {x['variant']} | {changes} | {utility._num(x['noise_multiplier'])} | {x['steps']} | {utility.score_cells(x)}"
         )
     return "\n".join(lines)
 

@@ -57,6 +57,7 @@ from dpft.errors import DpftError
 from dpft.models.device import resolve_device
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.models.precision import DTYPE_CHOICES, autocast, describe_hardware, dtype_name, resolve_dtype
+from dpft.output_claim import claim_output, read_jsonl
 from dpft.run_layout import RunPaths
 from dpft.training.config import TrainConfig
 from dpft.training.progress import format_duration
@@ -124,14 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out = Path(args.output).resolve()  # a resumed run finds its data from any directory
-    _claim_output(out, args)
+    claim_output(out, {k: v for k, v in vars(args).items() if k not in INVOCATION_ONLY}, "benchmark.json")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     machine = describe_hardware(device) | {"dtype": dtype_name(dtype), "torch": torch.__version__}
 
     start = time.perf_counter()
     data, manifest = _data(out / "data", args)
-    holdout = _jsonl(data / "holdout.jsonl")
+    holdout = read_jsonl(data / "holdout.jsonl")
     sample = holdout_sample(holdout, args.holdout_sample, args.sample_seed)
     records = [holdout[i] for i in sample]
     splits = manifest["splits"]
@@ -400,15 +401,21 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, x in result["models"].items():
-        em, ci = x["exact_match"], x["exact_match_ci"]
-        r = x.get("dp_over_plain")
-        ratio = "—" if not r or r["ratio"] is None else f"{r['ratio']:.2f} [{_range(r['ratio_ci'], '.2f')}]"
         lines.append(
             f"| {name} | {_num(x['target_epsilon'])} | {_num(x['epsilon'], '.2f')} | {_num(x['noise_multiplier'])} "
-            f"| {x['steps']} | {em['full']:.1%} [{_range(ci, '.1%')}] | {em['last_name']:.1%} "
-            f"| {em['condition']:.1%} | {ratio} | {_seconds(x['train_s'])} |"
+            f"| {x['steps']} | {score_cells(x)}"
         )
     return "\n".join(lines)
+
+
+def score_cells(x: dict) -> str:
+    """A scored run's table cells from the full answer on: exact matches, DP/plain, training time."""
+    em, ci, r = x["exact_match"], x["exact_match_ci"], x.get("dp_over_plain")
+    ratio = "—" if not r or r["ratio"] is None else f"{r['ratio']:.2f} [{_range(r['ratio_ci'], '.2f')}]"
+    return (
+        f"{em['full']:.1%} [{_range(ci, '.1%')}] | {em['last_name']:.1%} | {em['condition']:.1%} | {ratio} "
+        f"| {_seconds(x['train_s'])} |"
+    )
 
 
 def _seconds(x: float) -> str:
@@ -421,20 +428,6 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
 
 def _range(ci: list[float] | None, fmt: str) -> str:
     return "—" if ci is None else f"{ci[0]:{fmt}}, {ci[1]:{fmt}}"
-
-
-def _claim_output(out: Path, args: argparse.Namespace) -> None:
-    """Runs in `out` are reused on a re-run, so they must come from the same settings."""
-    settings = {k: v for k, v in vars(args).items() if k not in INVOCATION_ONLY}
-    path = out / "benchmark.json"
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(settings)):
-        raise SystemExit(f"--output {out}: holds runs with other settings; choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 if __name__ == "__main__":
