@@ -128,6 +128,7 @@ def test_utility_benchmark_runs_on_a_tiny_model(tmp_path: Path, tiny_model_dir: 
     prompts = [json.loads(line)["prompt"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert not any(p in done.stdout + done.stderr for p in prompts)  # no training text in the output
     _dp_settings_varies_one_setting(out, plain["per_record"], prompts)
+    _plain_memorisation_scores_every_patient(out / "data", tmp_path / "mem", tiny_model_dir, prompts)
 
 
 def _dp_settings_varies_one_setting(base: Path, plain: list[bool], prompts: list[str]) -> None:
@@ -141,6 +142,19 @@ def _dp_settings_varies_one_setting(base: Path, plain: list[bool], prompts: list
     assert (cfg["privacy_unit"], cfg["max_records_per_user"], cfg["lr"], cfg["epsilon"]) == ("user", 1, 1e-2, 3.0)
     assert row["records"] == len(plain) and row["changes"] == {"batch_size": 4, "epochs": 1.0, "max_grad_norm": 0.5}
     assert any(line.startswith("| b4 | batch_size=4") for line in done.stdout.splitlines())
+    assert not any(p in done.stdout + done.stderr for p in prompts)
+
+
+def _plain_memorisation_scores_every_patient(data: Path, out: Path, model: str, prompts: list[str]) -> None:
+    """benchmarks/plain_memorisation.py: the demo's plain run with the variant's change, every patient scored."""
+    cmd = [sys.executable, str(SCRIPT.parent / "plain_memorisation.py"), "--data", str(data), "--output", str(out)]
+    cmd += ["--model", model, "--variant", "w2:lora_layers=1,epochs=1,warmup_steps=2"]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    cfg = yaml.safe_load((out / "w2" / "config.yaml").read_text())
+    assert (cfg["no_dp"], cfg["lora_layers"], cfg["warmup_steps"], cfg["loss_on"]) == (True, 1, 2, "all")
+    members = {r["user_id"] for r in map(json.loads, (data / "train.jsonl").read_text().splitlines()) if "prompt" in r}
+    assert row["members"] == len(members) and row["advantage"] == pytest.approx(row["member_rate"] - row["non_member_rate"])
     assert not any(p in done.stdout + done.stderr for p in prompts)
 
 

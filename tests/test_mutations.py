@@ -202,6 +202,13 @@ MUTATIONS = [
         ("tests/test_audit_metrics.py::test_the_choice_never_sees_the_audited_canaries",),
     ),
     Mutation(
+        "DP-AdamBC: φ = σC, not divided by the expected batch",
+        "training/optimizer.py",
+        "mechanism.noise_multiplier * mechanism.max_grad_norm / mechanism.expected_batch_size",
+        "mechanism.noise_multiplier * mechanism.max_grad_norm",
+        ("tests/test_optimizer.py::test_phi_is_sigma_c_over_expected_batch",),
+    ),
+    Mutation(
         "one-run: m counts every canary, calibration ones included",
         "audit/one_run.py",
         "    m = int(audited.sum())\n",

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from dpft.data.canaries import DEFAULT_DESIGN
-from dpft.errors import DpftError
 from dpft.models.embedded import EMBEDDED_NAME
 from dpft.models.precision import announce, autocast, describe_hardware, dtype_name, resolve_dtype
+from dpft.output_claim import claim_output, read_jsonl
 from dpft.run_layout import RunPaths
 from dpft.training.config import TrainConfig
 from dpft.training.progress import format_duration
@@ -57,6 +57,7 @@ class DemoOptions:
     epochs: float = 3.0
     batch_size: int = 16
     lr: float = 1e-2
+    warmup_steps: int = 16  # at lr 1e-2 the plain run is near divergence (constant: diverged)
     # DP: patient-level units, each contributing at most dp_records_per_patient records; large
     # batches and a high, decaying rate, as DP-SGD wants (the noise is spread over the batch).
     dp_epochs: float = 5.0
@@ -95,7 +96,14 @@ def demo_config(o: DemoOptions, data: Path, output: Path, dp: bool, dtype: str) 
     )
     if not dp:
         return TrainConfig(
-            **shared, no_dp=True, epsilon=None, privacy_unit="record", batch_size=o.batch_size, epochs=o.epochs, lr=o.lr
+            **shared,
+            no_dp=True,
+            epsilon=None,
+            privacy_unit="record",
+            batch_size=o.batch_size,
+            epochs=o.epochs,
+            lr=o.lr,
+            warmup_steps=o.warmup_steps,
         )
     return TrainConfig(
         **shared,
@@ -121,7 +129,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     out = Path(o.output)
     data = out / "data"
     dtype = resolve_dtype(o.dtype)  # a bad --dtype stops before anything is written
-    _claim_output(out, o)
+    claim_output(out, {k: v for k, v in asdict(o).items() if k not in ("output", "quiet")}, "demo.json")
     announce(dtype)
     t0 = time.perf_counter()
     _phase(0, t0)
@@ -135,7 +143,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
         canary_design=o.canary_design,
     )
     conditions = [c["name"] for c in manifest["conditions"]]
-    members, holdout, canaries = (_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
+    members, holdout, canaries = (read_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
     reference = load_base_model(o.model)
     print(f"estimate: {_estimate(o, reference, data, members, dtype)}", flush=True)
     privacy = {}
@@ -148,7 +156,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     base_scores = ReferenceScores(reference.model)  # the base model is scored once for both audits
     for name in privacy:
         run = out / "runs" / name
-        models[name] = {"privacy": privacy[name], "metrics": _jsonl(RunPaths(run).metrics)}
+        models[name] = {"privacy": privacy[name], "metrics": read_jsonl(RunPaths(run).metrics)}
         models[name] |= _assess(o, run, privacy[name], members, holdout, canaries, conditions, base_scores, dtype)
         models[name]["dtype"] = _ran_dtype(run, models[name]["dtype"])
     _phase(4, t0)
@@ -231,7 +239,7 @@ def _notes(o: DemoOptions, dtype: torch.dtype) -> list[str]:
         f"Compute dtype: {_dtype_words(dtype)} (--dtype {o.dtype}), on CPU {hw['cpu']} ({hw['capability']}, {native}, "
         f"{hw['threads']} threads); the summary table gives the dtype each model actually ran in.",
         f"Non-private: a plain fine-tune, {o.epochs:g} epochs over all records, expected batch {o.batch_size} "
-        f"records, lr {o.lr:g}; no clipping, no noise.",
+        f"records, lr {o.lr:g} after {o.warmup_steps} warmup steps; no clipping, no noise.",
         f"DP: ε = {o.epsilon:g}, δ = {o.delta:g}, privacy unit = patient (each person, patient or canary owner, "
         f"contributes at most {o.dp_records_per_patient} record{'s' if o.dp_records_per_patient > 1 else ''}, "
         f"chosen once: a person's clipped gradient is bounded by C however many records they have); "
@@ -300,16 +308,6 @@ def _assess(
     return result
 
 
-def _claim_output(out: Path, o: DemoOptions) -> None:
-    """Runs in `out` are reused on a re-run, so they must come from the same settings."""
-    settings = json.loads(json.dumps({k: v for k, v in asdict(o).items() if k not in ("output", "quiet")}))
-    path = out / "demo.json"
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise DpftError(f"--output {out}: holds a demo run with other settings; choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
-
-
 def _train_or_reuse(cfg: TrainConfig, run: Path, train) -> dict[str, Any]:
     """A finished run is reused, an interrupted one resumed: a re-run never loses work."""
     paths = RunPaths(run)
@@ -324,7 +322,3 @@ def _sample(records: list[dict], n: int, seed: int) -> list[dict]:
     """A seeded random subset: held-out records are grouped by patient, so a prefix would be a few people."""
     keep = sorted(np.random.default_rng(seed).permutation(len(records))[:n])
     return [records[i] for i in keep]
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

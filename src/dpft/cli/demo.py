@@ -19,7 +19,11 @@ def demo(
     dp_epochs: float = typer.Option(_D.dp_epochs, "--dp-epochs", help="Training epochs of the DP model."),
     loss_on: str = typer.Option(_D.loss_on, "--loss-on", help="'all' (the record text is a target) or 'completion'."),
     epsilon: float = typer.Option(_D.epsilon, "--epsilon", help="Target ε of the DP model (patient-level)."),
-    seed: int = typer.Option(_D.seed, "--seed", help="Seed of data, sampling and noise."),
+    seed: int = typer.Option(
+        _D.seed,
+        "--seed",
+        help="Seed of the synthetic data, the adapters and the audit samples (DP sampling and noise use OS entropy).",
+    ),
     dtype: str = typer.Option(_D.dtype, "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
