@@ -154,7 +154,9 @@ def _plain_memorisation_scores_every_patient(data: Path, out: Path, model: str, 
     cfg = yaml.safe_load((out / "w2" / "config.yaml").read_text())
     assert (cfg["no_dp"], cfg["lora_layers"], cfg["warmup_steps"], cfg["loss_on"]) == (True, 1, 2, "all")
     members = {r["user_id"] for r in map(json.loads, (data / "train.jsonl").read_text().splitlines()) if "prompt" in r}
-    assert row["members"] == len(members) and row["advantage"] == pytest.approx(row["member_rate"] - row["non_member_rate"])
+    assert row["members"] == len(members) and row["advantage"] == pytest.approx(
+        row["member_rate"] - row["non_member_rate"]
+    )
     assert not any(p in done.stdout + done.stderr for p in prompts)
 
 
