@@ -26,7 +26,13 @@ from dpft.models.precision import autocast, resolve_dtype
 from dpft.output_claim import read_jsonl
 
 
-def run_variant(data: Path, out: Path, name: str, changes: dict, model: str, dtype: str) -> dict:
+def read_data(data: Path) -> tuple[list[dict], list[dict], list[str]]:
+    """Members, non-members and every condition name: read once, shared by every variant."""
+    conditions = [c["name"] for c in json.loads((data / "manifest.json").read_text())["conditions"]]
+    return read_jsonl(data / "train.jsonl"), read_jsonl(data / "holdout.jsonl"), conditions
+
+
+def run_variant(data: Path, out: Path, name: str, changes: dict, model: str, dtype: str, records: tuple) -> dict:
     from dpft.models import load_run_model
     from dpft.scenarios.medical import medical_audit
     from dpft.training.recipe import train
@@ -37,8 +43,7 @@ def run_variant(data: Path, out: Path, name: str, changes: dict, model: str, dty
         train(replace(demo_config(DemoOptions(model=model, quiet=True), data, run, False, dtype), **changes))
     train_s = time.perf_counter() - start
     trained = load_run_model(run)
-    conditions = [c["name"] for c in json.loads((data / "manifest.json").read_text())["conditions"]]
-    members, holdout = read_jsonl(data / "train.jsonl"), read_jsonl(data / "holdout.jsonl")
+    members, holdout, conditions = records
     with autocast(resolve_dtype(dtype)):
         audit = medical_audit(trained.model, trained.tokenizer, members, holdout, conditions, rank_conditions=False)
     e = audit["extraction"]
@@ -66,8 +71,9 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    records = read_data(Path(args.data))
     for text in args.variant:
-        row = run_variant(Path(args.data), out, *parse_variant(text), args.model, args.dtype)
+        row = run_variant(Path(args.data), out, *parse_variant(text), args.model, args.dtype, records)
         print(json.dumps(row), flush=True)
         with (out / "results.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
