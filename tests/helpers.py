@@ -4,6 +4,7 @@ tokenizer, and small utilities shared by several test modules."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,5 +130,8 @@ def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
         }
         for i in range(n)
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Atomic: ranks of a multi-process test write the same file while the other may be reading it.
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(part, path)
     return path
