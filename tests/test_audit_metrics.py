@@ -14,6 +14,7 @@ from dpft.audit.mia import (
     attack_metrics,
     auc,
     bootstrap_ci,
+    compare_rates,
     min_k_prob,
     record_scores,
     roc_curve,
@@ -59,6 +60,15 @@ def test_bootstrap_ci_covers_true_auc_in_most_replications():
         lo, hi = bootstrap_ci(rng.normal(mu, 1, 300), rng.normal(0, 1, 300), auc, 200, seed)
         covered += lo <= truth <= hi
     assert covered >= 16  # nominal 95%: 19 of 20 expected
+
+
+def test_compare_rates_is_the_difference_of_rates_with_a_covering_interval():
+    members, non = np.array([1.0, 1, 1, 0]), np.array([1.0, 0, 0, 0, 0])
+    out = compare_rates(members, non, n_boot=200)
+    assert (out["member"], out["non_member"]) == (0.75, 0.2)
+    assert out["advantage"] == pytest.approx(0.55)
+    assert out["advantage_ci"][0] < 0.55 < out["advantage_ci"][1]
+    assert compare_rates(members, np.array([]))["advantage"] is None
 
 
 def test_attack_metrics_shape():

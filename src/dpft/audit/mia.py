@@ -93,6 +93,19 @@ def bootstrap_ci(
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
+def compare_rates(members: np.ndarray, non_members: np.ndarray, n_boot: int = 200, seed: int = 0) -> dict:
+    """Members' and non-members' means (rates of a 0/1 outcome, or scores), their difference (the
+    attack's advantage) and its bootstrap 95% interval; all None when either side is empty."""
+    if not len(members) or not len(non_members):
+        return {"member": None, "non_member": None, "advantage": None, "advantage_ci": None}
+    return {
+        "member": float(members.mean()),
+        "non_member": float(non_members.mean()),
+        "advantage": float(members.mean() - non_members.mean()),
+        "advantage_ci": bootstrap_ci(members, non_members, lambda a, b: a.mean() - b.mean(), n_boot, seed),
+    }
+
+
 def attack_metrics(
     members: np.ndarray,
     non_members: np.ndarray,

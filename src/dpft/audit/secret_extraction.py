@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpft.audit.mia import bootstrap_ci
+from dpft.audit.mia import compare_rates
 from dpft.audit.probes import probe_of, tokens
 from dpft.audit.scoring import LIGHT_ROWS_FACTOR, greedy_generate, shared_head_logprobs
 from dpft.errors import ConfigError
@@ -168,7 +168,7 @@ def _extraction(model, tokenizer, mem, non, batch_size: int, seed: int, n_boot: 
         return np.array([x.secret in t for (_, _, x), t in zip(usable, texts, strict=True)], float)
 
     a, b = hits(mem), hits(non)
-    return _compare(a, b, n_boot, seed)
+    return compare_rates(a, b, n_boot, seed)
 
 
 def _ranks(model, tokenizer, mem, non, pool, num_candidates, rng, batch_size, seed, n_boot) -> dict | None:
@@ -189,8 +189,8 @@ def _ranks(model, tokenizer, mem, non, pool, num_candidates, rng, batch_size, se
     a, b = ranks(mem), ranks(non)
     if not len(a) or not len(b):
         return None
-    gap = _compare(a, b, n_boot, seed)
-    top1 = _compare((a == 1).astype(float), (b == 1).astype(float), n_boot, seed)
+    gap = compare_rates(a, b, n_boot, seed)
+    top1 = compare_rates((a == 1).astype(float), (b == 1).astype(float), n_boot, seed)
     return {
         "candidates": min(len(pool) - 1, num_candidates),
         "member_mean_rank": gap["member"],
@@ -212,17 +212,6 @@ def _candidate_scores(model, tokenizer, x: Located, candidates: list[str], batch
     if not head:
         return None
     return shared_head_logprobs(model, head, [s[shared:] for s in seqs], batch_size * LIGHT_ROWS_FACTOR)
-
-
-def _compare(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
-    if not len(a) or not len(b):
-        return {"member": None, "non_member": None, "advantage": None, "advantage_ci": None}
-    return {
-        "member": float(a.mean()),
-        "non_member": float(b.mean()),
-        "advantage": float(a.mean() - b.mean()),
-        "advantage_ci": bootstrap_ci(a, b, lambda x, y: x.mean() - y.mean(), n_boot, seed),
-    }
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

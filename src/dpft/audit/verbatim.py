@@ -20,7 +20,7 @@ from difflib import SequenceMatcher
 
 import numpy as np
 
-from dpft.audit.mia import bootstrap_ci
+from dpft.audit.mia import compare_rates
 from dpft.audit.probes import probe_of, tokens
 from dpft.audit.scoring import greedy_generate
 
@@ -86,13 +86,7 @@ def verbatim_extraction(
         return None
     out: dict = {"members": len(mem["exact"]), "non_members": len(non["exact"]), "max_new_tokens": max_new_tokens}
     for name in METRICS:
-        a, b = mem[name], non[name]
-        out[name] = {
-            "member": float(a.mean()),
-            "non_member": float(b.mean()),
-            "advantage": float(a.mean() - b.mean()),
-            "advantage_ci": bootstrap_ci(a, b, lambda x, y: x.mean() - y.mean(), n_boot, seed),
-        }
+        out[name] = compare_rates(mem[name], non[name], n_boot, seed)
     return out
 
 

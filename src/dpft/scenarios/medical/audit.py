@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dpft.audit.mia import bootstrap_ci
+from dpft.audit.mia import compare_rates
 from dpft.audit.scoring import greedy_generate, suffix_logprobs
 from dpft.data.encode import encode_opening
 from dpft.errors import DpftError
@@ -208,15 +208,14 @@ def extraction_attack(
         sel = [i for i, p in enumerate(members) if p["records"] == reps]
         by_rep[str(reps)] = {"patients": len(sel), "rate": float(mem[sel].mean())}
     dupont = next((t for p, t in zip(members, texts, strict=False) if (p["first"], p["last"]) == DUPONT), None)
+    rates = compare_rates(mem, non, n_boot, seed)
     return {
         "members": len(members),
         "non_members": len(non_members),
         "member_rate": _mean(mem),
         "non_member_rate": _mean(non),
-        "advantage": _mean(mem) - _mean(non) if len(mem) and len(non) else None,
-        "advantage_ci": bootstrap_ci(mem, non, lambda a, b: a.mean() - b.mean(), n_boot, seed)
-        if len(mem) and len(non)
-        else None,
+        "advantage": rates["advantage"],
+        "advantage_ci": rates["advantage_ci"],
         "by_repetition": by_rep,
         "rank": _rank_summary(model, tokenizer, people, len(members), conditions, batch_size)
         if rank_conditions
