@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_step import tiny_llama
 from dpft.data import collate, encode_records, read_records
 from dpft.demo import DemoOptions
 from dpft.models.prefix_cache import PrefixCache, frozen_boundary
@@ -121,20 +123,7 @@ def demo_model(args: argparse.Namespace):
     loaded = load_base_model()  # the embedded SmolLM2-135M-Instruct, fp32
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = tiny_llama(len(tokenizer))
     model = with_lora(model, r=16, alpha=32, targets="all-linear", last_layers=args.lora_layers)
     model.train()
     return model, tokenizer

@@ -157,24 +157,31 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _tiny_model(root: Path) -> str:
-    """A tiny random Llama saved with the embedded tokenizer, for --quick."""
+def tiny_llama(vocab_size: int):
+    """A tiny random Llama for --quick: the code paths of SmolLM2's architecture in milliseconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpft.models import load_base_model
-
-    tokenizer = load_base_model().tokenizer
+    torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
     )
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_model(root: Path) -> str:
+    """tiny_llama saved with the embedded tokenizer."""
+    from dpft.models import load_base_model
+
+    tokenizer = load_base_model().tokenizer
     path = root / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
