@@ -4,13 +4,14 @@ tokenizer, and small utilities shared by several test modules."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from dpft.atomic_write import write_text_atomic
 
 VOCAB = 256
 
@@ -131,7 +132,5 @@ def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
         for i in range(n)
     ]
     # Atomic: ranks of a multi-process test write the same file while the other may be reading it.
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(part, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path

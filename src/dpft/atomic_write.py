@@ -13,8 +13,12 @@ def fsync_file(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, fsync it, and rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write `text` to a temporary sibling, fsync it, and rename it over `path`.
+
+    The sibling's name is the writing process's own, so processes that write the same file at once
+    (the ranks of a data-parallel test) never rename each other's half-written text into place.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     fsync_file(tmp)
     os.replace(tmp, path)
