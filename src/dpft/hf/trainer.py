@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,12 +66,12 @@ from dpft.training.loss import example_losses
 from dpft.training.report import data_report, privacy_report
 from dpft.training.run_dir import (
     PRIVATE_README,
-    append_row,
     save_model,
     truncate_rows,
     write_json,
     write_model_card,
 )
+from dpft.training.step_log import StepLog
 
 # What trackers may see without `log_private_diagnostics`: data-independent or DP quantities.
 PUBLIC_LOG_KEYS = frozenset(
@@ -317,39 +316,25 @@ class DPTrainerMixin:
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         """Logical step t: journal → Poisson batch → micro-batches → clipped sum → noise → ÷ B."""
-        dp, started = self._dp, time.perf_counter()
+        dp = self._dp
+        log = StepLog(self.privacy_args.max_grad_norm)
         t = int(inputs["dp_step"])
         lr = self._get_learning_rate()
         model.train()
         dp.step.begin(t)  # the hard stop and the journal line come before any data is read
         units = dp.sampler.sample(t)  # several processes: drawn on rank 0, the same on every rank
         mine = dp.par.local_units(units, dp.units.unit_examples, dp.data.examples)  # all of them in one process
-        losses, clipped = [], []
         pad = self.processing_class.pad_token_id
         for examples, unit_index in dp.units.micro_batches(mine, self.args.per_device_train_batch_size):
             batch = collate([dp.data.examples[i] for i in examples], pad)
             batch = {k: v.to(self.args.device) for k, v in batch.items()}
             with self.compute_loss_context_manager():
                 per_example = self.example_losses(model, batch)
-            norms = dp.step.backward(per_example, unit_index.to(per_example.device))
-            losses.append(per_example.detach())
-            clipped.append((norms > self.privacy_args.max_grad_norm).float())
+            log.add(per_example, dp.step.backward(per_example, unit_index.to(per_example.device)))
         dp.step.finish()  # several processes: noise on rank 0 only, then one all-reduce of the clipped sums
         dp.steps_done = t + 1
         dp.batch_sizes.append(len(units))
-        loss = dp.par.step_mean(losses)  # the whole step's (private); a collective when distributed
-        clipped_fraction = dp.par.step_mean(clipped)  # private: how many units C clipped
-        if dp.par.is_main:
-            append_row(dp.paths.metrics, {"step": t + 1, "epsilon": dp.step.epsilon, "lr": lr})
-            private = {
-                "step": t + 1,
-                "loss": loss,
-                "clipped_fraction": clipped_fraction,
-                "batch_size": len(units),
-                "examples": dp.units.examples_of(units),
-                "seconds": round(time.perf_counter() - started, 4),
-            }
-            append_row(dp.paths.train_log, private)
+        loss = log.write(dp.par, dp.paths, t + 1, dp.step.epsilon, lr, len(units), dp.units.examples_of(units))
         shown = loss if self.privacy_args.log_private_diagnostics and not math.isnan(loss) else 0.0
         return torch.tensor(shown, device=self.args.device)
 

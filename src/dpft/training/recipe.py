@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ from dpft.training.optimizer import build_optimizer
 from dpft.training.progress import Progress
 from dpft.training.report import data_report, privacy_report
 from dpft.training.run_dir import (
-    append_row,
     create_run_dir,
     save_model,
     truncate_rows,
@@ -58,6 +56,7 @@ from dpft.training.run_dir import (
     write_model_card,
 )
 from dpft.training.schedule import lr_at
+from dpft.training.step_log import StepLog
 
 PREFIX_CACHE_BYTES = 2 << 30  # frozen-prefix states kept in memory at most (fp32 upper estimate)
 
@@ -123,7 +122,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train_step(run: Run, t: int) -> None:
     """Logical step t: journal → Poisson batch → micro-batches → clipped sum → noise → ÷ B → update."""
-    c, started = run.config, time.perf_counter()
+    c = run.config
+    log = StepLog(None if c.no_dp else c.max_grad_norm)
     lr = lr_at(t, run.planned_steps, c.lr, c.lr_schedule, c.warmup_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -131,7 +131,6 @@ def _train_step(run: Run, t: int) -> None:
     units = run.sampler.sample(t)  # data-parallel: drawn on rank 0, the same on every rank
     shares = run.par.shares(units, run.units.unit_examples, run.examples)  # [all of them] in one process
     batches = [run.units.micro_batches(share, c.micro_batch_size) for share in shares]
-    losses, clipped = [], []
     for examples, unit_index in batches[run.par.rank]:
         batch = _on(collate([run.examples[i] for i in examples], run.tokenizer.pad_token_id), run.par.device)
         unit_index = unit_index.to(run.par.device)
@@ -141,31 +140,14 @@ def _train_step(run: Run, t: int) -> None:
             else:
                 logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 per_example = example_losses(logits, batch["labels"])
-        norms = run.step.backward(per_example, unit_index)
-        losses.append(per_example.detach())
-        if not c.no_dp:
-            clipped.append((norms > c.max_grad_norm).float())
+        log.add(per_example, run.step.backward(per_example, unit_index))
     for _ in range(run.par.idle_passes([len(b) for b in batches])):  # --fsdp: ranks pass in lockstep
         _idle_pass(run)
     run.step.finish()  # data-parallel: noise on rank 0 only, then one all-reduce of the clipped sums
     run.optimizer.step()
     run.steps_done = t + 1
     run.batch_sizes.append(len(units))
-    loss = run.par.step_mean(losses)
-    clipped_fraction = None if c.no_dp else run.par.step_mean(clipped)  # private: how many units C clipped
-    if not run.par.is_main:
-        return
-    append_row(run.paths.metrics, {"step": t + 1, "epsilon": run.step.epsilon, "lr": lr})
-    seconds = time.perf_counter() - started
-    private = {
-        "step": t + 1,
-        "loss": loss,
-        "clipped_fraction": clipped_fraction,
-        "batch_size": len(units),
-        "examples": run.units.examples_of(units),
-        "seconds": round(seconds, 4),
-    }
-    append_row(run.paths.train_log, private)
+    log.write(run.par, run.paths, t + 1, run.step.epsilon, lr, len(units), run.units.examples_of(units))
 
 
 def _idle_pass(run: Run) -> None:
