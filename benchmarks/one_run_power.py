@@ -17,23 +17,27 @@ memorisation by a pretrained model. About 2 min per design (DP training most of 
     PYTHONPATH=src:tests python benchmarks/one_run_power.py --output /tmp/one-run-power
 
 --model embedded: the demo's setting (`dpft.demo.demo_config`: SmolLM2-135M-Instruct, LoRA r = 16 on
-the last 15 blocks, loss on every token; plain 3 epochs; DP ε = 8 per patient, 5 epochs) on the demo's
-400 patients and --canaries one-run canaries of each design. Not run in full: from the demo's timings
-(docs/performance.md) about 10 min per design on 2 AVX2 cores (plain 4.5, DP 4, scoring 1.5), so about
-30 min for the three. --no-dp and fewer --patients make a shorter check:
+the last 15 blocks, loss on every token; plain 3 epochs at lr 1e-2; DP ε = 8 per patient, 5 epochs of
+expected batch 64) on the demo's 400 patients and --canaries one-run canaries of each design:
 
     python benchmarks/one_run_power.py --model embedded --output /tmp/one-run-power-smollm
     python benchmarks/one_run_power.py --model embedded --designs rare-prefix --patients 100 --no-dp
 
-Measured (issue 14, on a shared 2-core machine). Tiny, defaults: plain 3.68 for every design and every
-score (120 guesses of 300 audited canaries, all right; the calibration's 1.5x margin keeps it from
-guessing all 300), DP (ε = 8) 0.00 for every design; the tiny model memorises after tens of passes, so
-it cannot rank the designs. Embedded, one short check only (rare-prefix, --patients 10 --canaries 200
---no-dp: the demo's plain settings but 23 steps instead of about 240, bf16): included canaries' log P
-(secret | prefix) 4.8 nats above the excluded ones' on average; bound 1.15 (zlib, chosen on 50
-calibration canaries; loss alone 1.75 with 29 of its 30 "in" guesses right, reference 0.95). Not
-measured: the other designs and DP on SmolLM2, and the demo itself. At about 97% precision, 750 audited
-canaries would give about 2.5 (a plug-in, not a measurement): reaching 3 needs about 99%.
+Measured (issue 14). Tiny, defaults, on a shared 2-core machine: plain 3.68 for every design and
+every score, DP (ε = 8) 0.00 for every design; the tiny model memorises after tens of passes, so it
+cannot rank the designs. Embedded, defaults (1000 canaries per design, 750 audited), alone on the
+2-core native-bf16 EPYC in bf16, 45 min for the three designs (per design: plain 3.2–3.7 min, DP
+2.8–3.1 min, scoring with 8 alternatives 2.7–5.6 min per model):
+
+| design | plain: bound (score, guesses in/out, right) | DP, ε = 8 | included − excluded mean loss score (plain / DP, nats) |
+|---|---|---|---|
+| rare-prefix | **3.47** (loss, 98/0, 98) | 0.00 | 6.05 / 0.17 |
+| random-words | 0.44 (loss, 75/0, 53) | 0.00 | 1.14 / 0.57 |
+| name-digits | 0.07 (loss, 38/38, 47) | 0.00 | 0.11 / 0.05 |
+
+Only the rare-prefix design is learned from one insertion by the plain model (its canaries' secrets
+are 6 nats more likely when trained on), and it refutes ε < 3.47 at 95% from one run; the DP model
+gives 0 with every design and score. For every plain model the calibration canaries chose the loss score.
 """
 
 from __future__ import annotations

@@ -31,10 +31,9 @@ MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one su
 # training 428 s for 4404 examples = 0.63 proxy per micro-batch; audits of both models 141 s
 # for 200 records = 0.14 proxy per record.
 TRAIN_FACTOR, AUDIT_PROXIES = 0.63, 0.14
-# One-run canaries (rare-prefix: about 12 tokens each). 100, the count the 10-minute demo was timed
-# with (then name-digits canaries): 1000 (what a one-run bound of 3 needs: 750 audited, about 375 trained on) would add 438
-# training records (+14% tokens per plain epoch) and 438 DP units (2.2x the DP steps per epoch), which
-# the 10 minutes on 2 AVX2 cores do not hold; `dpft audit` and synth-medical default to 1000.
+# One-run canaries (rare-prefix: about 12 tokens each). 1000 give the plain model a one-run bound
+# above 3 (3.47 in bf16, docs/dp-utility.md) but took the demo to 12 min 10 s on 2 AVX2 cores (fp32,
+# DP batch 140 to keep its 29 steps); 100 keep it near 9 min. `dpft audit` data and synth-medical: 1000.
 DEMO_ONE_RUN_CANARIES = 100
 # The "alternatives" one-run score costs this many more short sequences per canary and model.
 DEMO_ONE_RUN_ALTERNATIVES = 0
