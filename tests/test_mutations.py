@@ -202,6 +202,20 @@ MUTATIONS = [
         ("tests/test_audit_metrics.py::test_the_choice_never_sees_the_audited_canaries",),
     ),
     Mutation(
+        "recipe: noise per micro-batch (finish inside the micro-batch loop)",
+        "training/recipe.py",
+        "        log.add(per_example, run.step.backward(per_example, unit_index))\n"
+        "    for _ in range(run.par.idle_passes([len(b) for b in batches])):  # --fsdp: ranks pass in lockstep\n"
+        "        _idle_pass(run)\n"
+        "    run.step.finish()",
+        "        log.add(per_example, run.step.backward(per_example, unit_index))\n"
+        "        run.step.finish()\n"
+        "    for _ in range(run.par.idle_passes([len(b) for b in batches])):  # --fsdp: ranks pass in lockstep\n"
+        "        _idle_pass(run)\n"
+        "    pass",
+        ("tests/test_train_e2e.py::test_dp_run_writes_the_contract",),
+    ),
+    Mutation(
         "DP-AdamBC: φ = σC, not divided by the expected batch",
         "training/optimizer.py",
         "mechanism.noise_multiplier * mechanism.max_grad_norm / mechanism.expected_batch_size",
