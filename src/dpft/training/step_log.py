@@ -1,7 +1,7 @@
 """One logical step's two log rows, kept the same way by the recipe and the Trainer drop-in.
 
 - `metrics.jsonl` (public): step, ε spent and the learning rate: data-independent or DP.
-- `private/train_log.jsonl` (stays with the data): the step's mean loss, the fraction of units
+- `private/train-log.jsonl` (stays with the data): the step's mean loss, the fraction of units
   whose gradient C clipped, the realised batch size, the examples read and the wall time.
 """
 
@@ -49,7 +49,13 @@ class StepLog:
         clipped = None if self.clip_bound is None else ranks.step_mean(self._clipped)
         if ranks.is_main:
             append_row(paths.metrics, {"step": step, "epsilon": epsilon, "lr": lr})
-            seconds = round(time.perf_counter() - self.started, 4)
-            private = {"step": step, "loss": loss, "clipped_fraction": clipped, "batch_size": batch}
-            append_row(paths.train_log, {**private, "examples": examples, "seconds": seconds})
+            private = {
+                "step": step,
+                "loss": loss,
+                "clipped_fraction": clipped,
+                "batch_size": batch,
+                "examples": examples,
+                "seconds": round(time.perf_counter() - self.started, 4),
+            }
+            append_row(paths.train_log, private)
         return loss
