@@ -27,13 +27,14 @@ from dpft.training.progress import format_duration
 
 MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one such micro-batch
 # The estimate's proxy is one forward and input backward through every block of the base model.
-# Measured by the fp32 demo on a quiet AVX2-capped 2-core EPYC (proxy 4.94 s per 32 records):
-# training 428 s for 4404 examples = 0.63 proxy per micro-batch; audits of both models 141 s
-# for 200 records = 0.14 proxy per record.
-TRAIN_FACTOR, AUDIT_PROXIES = 0.63, 0.14
+# Measured by the fp32 demo alone on a real 2-core AVX2 EPYC (proxy 9.81 s per 32 records):
+# training 723 s for 4404 examples = 0.54 proxy per micro-batch; audits of both models 240 s for
+# 200 records = 0.12 proxy per record. (On an AVX-512 EPYC capped to AVX2: 0.63 and 0.14.)
+TRAIN_FACTOR, AUDIT_PROXIES = 0.54, 0.12
 # One-run canaries (rare-prefix: about 12 tokens each). 1000 give the plain model a one-run bound
-# above 3 (3.47 in bf16, docs/dp-utility.md) but took the demo to 12 min 10 s on 2 AVX2 cores (fp32,
-# DP batch 140 to keep its 29 steps); 100 keep it near 9 min. `dpft audit` data and synth-medical: 1000.
+# above 3 (3.47 in bf16, docs/dp-utility.md) but took the demo from 9 to 12 min 10 s on an AVX-512 EPYC
+# capped to AVX2 (fp32, DP batch 140 to keep its 29 steps); with 100 it takes 16.5 min on a real 2-core
+# AVX2 EPYC. `dpft audit` data and synth-medical: 1000.
 DEMO_ONE_RUN_CANARIES = 100
 # The "alternatives" one-run score costs this many more short sequences per canary and model.
 DEMO_ONE_RUN_ALTERNATIVES = 0
@@ -248,8 +249,8 @@ def _notes(o: DemoOptions, dtype: torch.dtype) -> list[str]:
         f"records each, split by patient; utility on {o.utility_records} random held-out records; the audit scores "
         f"up to {o.audit_records} patients and records on each side, {o.exposure_candidates} random candidates "
         f"per exposure canary; {o.one_run_canaries} one-run canaries ({o.canary_design}), each trained on with "
-        "probability ½, a quarter of them used only to choose the one-run test's score and guesses. To fit 10 "
-        "minutes on 2 cores without native bf16, the demo skips two measurements `dpft audit` makes: the generic verbatim extraction (the name → condition attack is its targeted "
+        "probability ½, a quarter of them used only to choose the one-run test's score and guesses. To save "
+        "time on CPUs without native bf16, the demo skips two measurements `dpft audit` makes: the generic verbatim extraction (the name → condition attack is its targeted "
         "form here) and the likelihood ranking of each patient's condition among all conditions.",
     ]
 
