@@ -216,6 +216,21 @@ MUTATIONS = [
         ("tests/test_train_e2e.py::test_dp_run_writes_the_contract",),
     ),
     Mutation(
+        "the step's loss in the public metrics row",
+        "training/step_log.py",
+        'append_row(paths.metrics, {"step": step, "epsilon": epsilon, "lr": lr})',
+        'append_row(paths.metrics, {"step": step, "epsilon": epsilon, "lr": lr, "loss": loss})',
+        ("tests/test_resume_checks.py::test_shipped_files_hold_no_private_numbers",),
+    ),
+    Mutation(
+        "privacy.json carries the last step's loss",
+        "training/recipe.py",
+        "    report = privacy_report(run, stop_reason)\n",
+        "    report = privacy_report(run, stop_reason)\n"
+        '    report["final_loss"] = json.loads(run.paths.train_log.read_text().splitlines()[-1])["loss"]\n',
+        ("tests/test_resume_checks.py::test_shipped_files_hold_no_private_numbers",),
+    ),
+    Mutation(
         "DP-AdamBC: φ = σC, not divided by the expected batch",
         "training/optimizer.py",
         "mechanism.noise_multiplier * mechanism.max_grad_norm / mechanism.expected_batch_size",

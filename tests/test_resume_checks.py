@@ -11,6 +11,7 @@ import yaml
 import dpft
 from dpft.errors import ConfigError, DpftError
 from dpft.ledger import BudgetLedger
+from dpft.run_layout import RunPaths
 from dpft.training import recipe
 from helpers import write_records
 from test_train_e2e import Crash, base_options
@@ -81,6 +82,11 @@ def test_shipped_files_hold_no_private_numbers(tmp_path, tiny_model_dir):
     assert not private_keys & set(privacy)
     log = [json.loads(r) for r in (run / "private" / "train-log.jsonl").read_text().splitlines()]
     assert {"loss", "batch_size", "examples", "seconds"} <= set(log[0])
+    shipped = [
+        f.read_bytes() for p in RunPaths(run).public for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()
+    ]
+    for loss in filter(None, (r["loss"] for r in log)):  # no loss in any shipped file, the model card included
+        assert not any(json.dumps(loss).encode() in blob for blob in shipped), loss
     stats = json.loads((run / "private" / "data.json").read_text())
     assert stats["records"] == 40 and "p_value" in stats["sampling_check"]
     assert "keep" in (run / "private" / "README.txt").read_text().lower()
