@@ -21,6 +21,7 @@ from trl import SFTConfig
 from dpft.hf import DPSFTTrainer, PrivacyArguments
 from dpft.models import load_base_model, with_lora
 from dpft.models.embedded import EMBEDDED_NAME
+from dpft.models.precision import native_bf16
 
 HERE = Path(__file__).parent
 FORMAT_KEYS = {"text", "prompt", "completion", "messages"}  # what names a record's format
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
+        bf16=native_bf16(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        ),  # TRL's default is on; DP refuses emulated bf16
     )
     privacy = PrivacyArguments(
         target_epsilon=a.epsilon, delta=a.delta, expected_batch_size=a.batch_size, unsafe_seed=a.unsafe_seed

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from dpft.hf import PrivacyArguments
-from dpft.models import load_base_model, with_lora
+from dpft.models import load_base_model, precision, with_lora
 
 trl = pytest.importorskip("trl")
 
@@ -38,6 +38,7 @@ def test_dp_sft_on_chat_records_trains_on_assistant_turns(tmp_path, tiny_model_d
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
         max_length=64, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+        bf16=precision.native_bf16(),  # TRL turns bf16 on by default; the drop-in refuses it where it is emulated
     )  # fmt: skip
     assert config.gradient_checkpointing  # TRL's default: the blocks are recomputed in the backward
     privacy = PrivacyArguments(target_epsilon=8.0, delta=1e-3, expected_batch_size=6, unsafe_seed=3)

@@ -499,7 +499,8 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         elif args.bf16 and not precision.native_bf16(args.device):
             problems.append(
                 f"bf16=True: {args.device.type} has no native bf16 here (it would be emulated, slower than "
-                "fp32, with no tested gain); set bf16=False to train in fp32"
+                "fp32, with no tested gain); set bf16=False to train in fp32 (TRL's SFTConfig turns bf16 on by "
+                "default; bf16=dpft.models.precision.native_bf16() chooses from the hardware)"
             )
         if args.include_num_input_tokens_seen not in ("no", False):
             problems.append("include_num_input_tokens_seen: the realised token count is private; set it to 'no'")
