@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        bf16=native_bf16(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        ),  # TRL's default is on; DP refuses emulated bf16
+        # TRL turns bf16 on by default; the DP drop-in refuses it where it would be emulated
+        bf16=native_bf16("cuda" if torch.cuda.is_available() else "cpu"),
     )
     privacy = PrivacyArguments(
         target_epsilon=a.epsilon, delta=a.delta, expected_batch_size=a.batch_size, unsafe_seed=a.unsafe_seed
