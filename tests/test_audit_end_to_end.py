@@ -237,7 +237,7 @@ def test_memorised_one_run_canaries_refute_a_small_epsilon(tmp_path, tok, design
     out = run_audit(fitted, tok, members, non_members, canaries, reference_model=tiny_llama(), **kwargs)["one_run"]
     assert out["canaries"] == 60 and out["m"] == 45 and out["calibration"]["source"] == "canaries (role)"
     assert out["calibration"]["chosen_by"] == "calibration" and out["k_minus"] == 0  # one-sided evidence
-    assert out["guesses"] > 5 and out["correct"] >= 0.9 * out["guesses"] and out["epsilon_lower_bound"] > 0.5
+    assert out["correct"] == out["guesses"] > 5 and out["epsilon_lower_bound"] > 0.5
     base = run_audit(tiny_llama(), tok, members, non_members, canaries, reference_model=tiny_llama(), **kwargs)
     assert base["one_run"]["epsilon_lower_bound"] == 0.0
 
