@@ -134,3 +134,8 @@ def write_records(path: Path, n: int = 40, users: int = 10) -> Path:
     # Atomic: ranks of a multi-process test write the same file while the other may be reading it.
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def public_files(root: Path) -> list[Path]:
+    """Everything in the run directory outside private/: what may ship with the model."""
+    return [f for f in root.rglob("*") if f.is_file() and "private" not in f.relative_to(root).parts]

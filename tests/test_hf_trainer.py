@@ -21,7 +21,7 @@ from dpft.models import load_base_model, precision, with_lora
 from dpft.privacy.engine import PerUnitClipper
 from dpft.privacy.step import PrivacyStep
 from dpft.training.loss import example_losses as dpft_example_losses
-from helpers import write_records
+from helpers import public_files, write_records
 from test_engine import assert_grads_close, clipped_sum, norm_of, reference_unit_grads
 from test_gradient_checkpointing import count_recomputations
 
@@ -235,11 +235,6 @@ def test_evaluation_on_held_out_records_during_training(tmp_path, tiny_model_dir
 
 
 # ---- the dataset budget ledger, public/private files, guards ----
-
-
-def public_files(root: Path) -> list[Path]:
-    """Everything in the run directory outside private/: what may ship with the model."""
-    return [f for f in root.rglob("*") if f.is_file() and "private" not in f.relative_to(root).parts]
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 import dpft
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits
-from dpft.run_layout import RunPaths
-from helpers import write_records
+from helpers import public_files, write_records
 from test_train_e2e import base_options
 
 SEED = 48_151_623  # a value that cannot appear in a run's files by chance
@@ -56,10 +55,8 @@ def test_unsafe_seed_reproduces_says_so_and_is_written_nowhere_public(tmp_path, 
     privacy = json.loads((first / "privacy.json").read_text())
     assert privacy["randomness"] == "seeded"
     assert "Reproducible (unsafe) randomness" in (first / "model" / "README.md").read_text()
-    for path in RunPaths(first).public:
-        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-        for f in files:
-            assert str(SEED).encode() not in f.read_bytes(), f
+    for f in public_files(first):
+        assert str(SEED).encode() not in f.read_bytes(), f
 
 
 def test_secure_sampler_is_not_reproducible_and_seeded_one_is_keyed_by_step():

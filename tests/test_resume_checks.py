@@ -11,9 +11,8 @@ import yaml
 import dpft
 from dpft.errors import ConfigError, DpftError
 from dpft.ledger import BudgetLedger
-from dpft.run_layout import RunPaths
 from dpft.training import recipe
-from helpers import write_records
+from helpers import public_files, write_records
 from test_train_e2e import Crash, base_options
 
 
@@ -82,9 +81,7 @@ def test_shipped_files_hold_no_private_numbers(tmp_path, tiny_model_dir):
     assert not private_keys & set(privacy)
     log = [json.loads(r) for r in (run / "private" / "train-log.jsonl").read_text().splitlines()]
     assert {"loss", "batch_size", "examples", "seconds"} <= set(log[0])
-    shipped = [
-        f.read_bytes() for p in RunPaths(run).public for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()
-    ]
+    shipped = [f.read_bytes() for f in public_files(run)]
     for loss in filter(None, (r["loss"] for r in log)):  # no loss in any shipped file, the model card included
         assert not any(json.dumps(loss).encode() in blob for blob in shipped), loss
     stats = json.loads((run / "private" / "data.json").read_text())
