@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpft.cli.allocator import keep_freed_memory
 from dpft.demo import MICRO_BATCH, DemoOptions, demo_config
 from dpft.models.precision import describe_hardware
 from dpft.scenarios.medical.synth import synth_medical
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as the demo runs)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc as it is (the CLI keeps freed memory: dpft/cli/allocator.py)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny random Llama and few records: a smoke test")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
@@ -104,6 +110,7 @@ def _summary(t: dict[str, list[float]]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    kept_freed_memory = False if args.glibc_malloc_defaults else keep_freed_memory()  # as `dpft demo` runs
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "hardware": describe_hardware(),
             "dtype": first.config.dtype,
+            "kept_freed_memory": kept_freed_memory,
             "config": {
                 "batch": args.batch,
                 "micro_batch": MICRO_BATCH,
@@ -193,6 +201,7 @@ def _print(result: dict) -> None:
         f"ran on: CPU {hw['cpu']} ({hw['capability']}, {native}), {hw['threads']} threads, dtype {result['dtype']}; "
         f"load {result['load_avg_before'][0]} → {result['load_avg_after'][0]}"
     )
+    print("glibc malloc: " + ("freed memory kept (as the CLI)" if result["kept_freed_memory"] else "defaults"))
     c = result["config"]
     print(
         f"batch {c['batch']} records (~{c['tokens_per_batch_mean']:.0f} tokens), LoRA on the last {c['lora_layers']} blocks"

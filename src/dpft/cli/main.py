@@ -10,6 +10,7 @@ import warnings
 import typer
 
 from dpft.cli import audit, data, demo, ledger
+from dpft.cli.allocator import keep_freed_memory
 from dpft.cli.errors import handles_errors
 from dpft.cli.train import train_command
 from dpft.models.precision import DTYPE_HELP
@@ -120,6 +121,7 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    keep_freed_memory()  # before the first large allocation: see dpft/cli/allocator.py
     _quiet_libraries()
     app()
 
