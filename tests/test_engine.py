@@ -336,6 +336,16 @@ def test_parameter_used_outside_its_module_is_refused() -> None:
         clipper.backward(model(torch.randn(3, 4)).sum(1), torch.arange(3))
 
 
+def test_a_module_replaced_after_attach_is_refused() -> None:
+    """Bug caught: stray gradients looked for on the attach-time parameters only (accelerate's fp8
+    conversion swaps nn.Linear for a module with new parameters after the attach)."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    clipper = PerUnitClipper(model, 1.0)
+    model[0] = nn.Linear(4, 4)
+    with pytest.raises(ConfigError, match=r"'0\.weight' was not trainable when dpft attached"):
+        clipper.backward(model(torch.randn(3, 4)).sum(1), torch.arange(3))
+
+
 class Broadcast(nn.Module):
     """A LayerNorm applied to a tensor shared by the batch (shape (1, d))."""
 

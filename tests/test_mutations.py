@@ -78,6 +78,20 @@ MUTATIONS = [
         ("tests/test_step.py::test_hard_stop_composes_the_journals_actual_segments",),
     ),
     Mutation(
+        "optimizer applies a gradient the step did not write (a module replaced after attach)",
+        "privacy/step.py",
+        "        self._refuse_unknown_params(optimizer)\n",
+        "",
+        ("tests/test_step.py::test_a_parameter_the_step_did_not_write_is_not_updated",),
+    ),
+    Mutation(
+        "stray gradients looked for on the attach-time parameters only",
+        "privacy/engine.py",
+        "        current = _trainable(self._model)\n",
+        "        current = dict(self._params)\n",
+        ("tests/test_engine.py::test_a_module_replaced_after_attach_is_refused",),
+    ),
+    Mutation(
         "sampler seeded from the config",
         "training/recipe.py",
         "randomness = Randomness.secure() if seed is None else Randomness.unsafe_seeded(seed)",

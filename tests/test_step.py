@@ -125,6 +125,31 @@ def test_gradients_replaced_after_the_noise_are_refused() -> None:
         optimizer.step()
 
 
+def replace_linear(model: nn.Sequential, optimizer: torch.optim.Optimizer) -> None:
+    """What accelerate's fp8 conversion does after the attach: a new Linear (new parameters, same
+    weights) in the model, and the optimizer remapped to its parameters."""
+    old = list(model.parameters())
+    fresh = nn.Linear(D_IN, D_OUT)
+    fresh.load_state_dict(model[0].state_dict())
+    model[0] = fresh
+    remap = {id(a): b for a, b in zip(old, model.parameters(), strict=True)}
+    for group in optimizer.param_groups:
+        group["params"] = [remap[id(p)] for p in group["params"]]
+
+
+def test_a_parameter_the_step_did_not_write_is_not_updated() -> None:
+    """Bug caught: the pre-step guard checks only the parameters known at attach, so the optimizer
+    applies a replaced module's raw gradient."""
+    model = linear_model()
+    step, optimizer = make_step(model)
+    replace_linear(model, optimizer)
+    step.begin(0)
+    step.finish()
+    unit_losses(model, torch.randn(3, D_IN)).sum().backward()  # a plain backward: unclipped gradients
+    with pytest.raises(StepOrderError, match="gradient dpft did not write"):
+        optimizer.step()
+
+
 def test_hard_stop_composes_the_journals_actual_segments() -> None:
     """Bug caught: a hard stop that assumes every journalled step used the current (q, σ)."""
     journal = MemoryJournal()

@@ -153,7 +153,10 @@ class PerUnitClipper:
         """
         units = _units_of(example_losses, unit_index)
         self._refuse_batch_mixing()
-        for p in self._params.values():
+        # Every parameter that can take a gradient now, not only those known at attach: a module
+        # replaced since (accelerate's fp8 conversion) has new parameters no rule clips.
+        current = _trainable(self._model)
+        for p in current.values():
             p.grad = None  # any gradient found after the backward escaped the rules
         self._captures.clear()
         # Gradient checkpointing re-runs blocks' forwards in this backward, without the model's
@@ -165,7 +168,7 @@ class PerUnitClipper:
             self._batch_size = None
         captures = list(self._captures)
         self._captures.clear()
-        self._check(captures, units)
+        self._check(captures, units, current)
         # No graph on the saved activations (they still require grad), and no autocast: a caller's
         # bf16 region would round the Grams, norms and sums, and a norm rounded down lets a unit
         # contribute more than C.
@@ -179,15 +182,11 @@ class PerUnitClipper:
             self._accumulate(captures, factors[units.index])
         return norms
 
-    def _check(self, captures: list[Capture], units: Units) -> None:
-        stray = [n for n, p in self._params.items() if p.grad is not None]
+    def _check(self, captures: list[Capture], units: Units, current: dict[str, nn.Parameter]) -> None:
+        stray = [(n, p) for n, p in current.items() if p.grad is not None]
         if stray:
-            raise ConfigError(
-                [
-                    f"parameter '{stray[0]}' is used outside the module that owns "
-                    "it; its per-unit gradient cannot be clipped"
-                ]
-            )
+            name, param = stray[0]
+            raise ConfigError([_stray_problem(name, id(param) in self._param_names)])
         for cap in captures:
             if cap.batch_size != units.index.numel():
                 name = self._module_names[id(cap.module)]
@@ -248,6 +247,16 @@ class PerUnitClipper:
             hook.remove()
         self._captures.clear()
         self._sums.clear()
+
+
+def _stray_problem(name: str, attached: bool) -> str:
+    """Why a parameter got a plain (unclipped) gradient in the backward."""
+    if attached:
+        return f"parameter '{name}' is used outside the module that owns it; its per-unit gradient cannot be clipped"
+    return (
+        f"parameter '{name}' was not trainable when dpft attached (its module was replaced or unfrozen "
+        "since); its gradient would not be clipped: freeze or replace modules before training starts"
+    )
 
 
 def _rows_problem(name: str, rows: int, batch: int) -> str:

@@ -202,9 +202,10 @@ class PrivacyStep:
         self._hooks: list = []
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Refuse any `optimizer.step()` that does not follow exactly one `finish()`."""
+        """Refuse any `optimizer.step()` that does not follow exactly one `finish()`, or that would
+        apply a gradient `finish()` did not write."""
         self._hooks += [
-            optimizer.register_step_pre_hook(lambda *_: self._before_update()),
+            optimizer.register_step_pre_hook(lambda opt, *_: self._before_update(opt)),
             optimizer.register_step_post_hook(lambda *_: self._after_update()),
         ]
 
@@ -301,11 +302,25 @@ class PrivacyStep:
             hook.remove()
         self._hooks.clear()
 
-    def _before_update(self) -> None:
+    def _before_update(self, optimizer: torch.optim.Optimizer) -> None:
         self._expect(_FINISHED, "optimizer.step")
         for name, param in self._params.items():
             if param.grad is not self._written.get(name):
                 raise StepOrderError(f"the gradient of '{name}' was replaced after the noise was added")
+        self._refuse_unknown_params(optimizer)
+
+    def _refuse_unknown_params(self, optimizer: torch.optim.Optimizer) -> None:
+        """A parameter the optimizer holds but `finish()` never wrote (a module replaced after the
+        attach, e.g. by accelerate's fp8 conversion, and the optimizer remapped to it) would be
+        updated with its raw, unclipped gradient."""
+        known = {id(p) for p in self._params.values()}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and id(param) not in known:
+                    raise StepOrderError(
+                        f"the optimizer holds a parameter of shape {tuple(param.shape)} with a gradient dpft did "
+                        "not write (a module replaced after PrivacyStep.attach); its update would be unclipped"
+                    )
 
     def _after_update(self) -> None:
         self._written.clear()
