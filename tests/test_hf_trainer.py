@@ -125,6 +125,7 @@ def test_private_log_has_the_clipped_fraction(tmp_path, tiny_model_dir, bound, f
         ({"max_steps": 1000}, {"target_epsilon": None, "noise_multiplier": 1.0}, "target_epsilon is required"),
         ({}, {"privacy_unit": "people"}, "privacy_unit"),
         ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, {}, "newest checkpoint"),
+        ({"neftune_noise_alpha": 5.0}, {}, "neftune_noise_alpha"),  # its noise scales with the padded width
     ],
 )
 def test_unsafe_settings_are_refused(tmp_path, tiny_model_dir, args_extra, priv_extra, needle):
@@ -169,13 +170,17 @@ def test_a_micro_batch_smaller_than_a_user_is_refused(tmp_path, tiny_model_dir):
         dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(privacy_unit="user", max_records_per_user=4))
 
 
-def test_packing_is_refused_for_sft(tmp_path, tiny_model_dir):
+def test_packing_and_neftune_are_refused_for_sft(tmp_path, tiny_model_dir):
     trl = pytest.importorskip("trl")
     from dpft.hf import DPSFTTrainer
 
     model, tokenizer = lora_model(tiny_model_dir)
     config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), packing=True, report_to=[], use_cpu=True)
     with pytest.raises(ConfigError, match="packing"):
+        DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
+                     processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), neftune_noise_alpha=5.0, report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="neftune_noise_alpha"):
         DPSFTTrainer(model=model, args=config, train_dataset=records(write_records(tmp_path / "d.jsonl")),
                      processing_class=tokenizer, privacy_args=privacy())  # fmt: skip
     config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True)
@@ -367,6 +372,10 @@ def test_bf16_only_where_native_and_fp16_never(tmp_path, tiny_model_dir, monkeyp
     monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": False)
     with pytest.raises(ConfigError, match="bf16=True: cpu has no native bf16"):
         dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", bf16=True))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # bf16 unset: accelerate's autocast all the same
+    with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION=bf16: cpu has no native bf16"):
+        dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf"))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": True)
     trainer = dp_trainer(tmp_path, tiny_model_dir, args=training_args(tmp_path / "hf", bf16=True))
     assert trainer.public_settings()["training"]["bf16"] is True
@@ -374,3 +383,15 @@ def test_bf16_only_where_native_and_fp16_never(tmp_path, tiny_model_dir, monkeyp
     args.fp16 = True  # TrainingArguments may refuse fp16 on CPU itself; dpft must refuse it anywhere
     with pytest.raises(ConfigError, match="fp16=True"):
         dp_trainer(tmp_path, tiny_model_dir, args=args)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp16"])
+def test_accelerates_mixed_precision_from_the_environment_is_refused(tmp_path, tiny_model_dir, monkeypatch, mode):
+    """fp16 and bf16 unset: transformers 5 reads ACCELERATE_MIXED_PRECISION into args.mixed_precision and
+    hands it to accelerate (fp16: a loss scaler after the noise; fp8: nn.Linear swapped after the attach)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", mode)
+    args = training_args(tmp_path / "hf")
+    assert not args.fp16 and not args.bf16
+    with pytest.raises(ConfigError, match=f"ACCELERATE_MIXED_PRECISION .*= {mode}:"):
+        dp_trainer(tmp_path, tiny_model_dir, args=args)
+    assert not (tmp_path / "hf").exists()

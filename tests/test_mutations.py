@@ -162,6 +162,23 @@ MUTATIONS = [
         ("tests/test_hf_distributed.py::test_two_processes_equal_one",),
     ),
     Mutation(
+        "Trainer accepts fp8 / fp16 from accelerate's environment",
+        "hf/trainer.py",
+        '    if any(mode not in ("no", "bf16") for mode in modes):',
+        "    if False:",
+        ("tests/test_hf_trainer.py::test_accelerates_mixed_precision_from_the_environment_is_refused",),
+    ),
+    Mutation(
+        "Trainer accepts NEFTune",
+        "hf/trainer.py",
+        '        if getattr(args, "neftune_noise_alpha", None) is not None:',
+        "        if False:",
+        (
+            "tests/test_hf_trainer.py::test_unsafe_settings_are_refused",
+            "tests/test_hf_trainer.py::test_packing_and_neftune_are_refused_for_sft",
+        ),
+    ),
+    Mutation(
         "each rank keeps its own draw of a user's capped records",
         "training/distributed.py",
         "        units.adopt(held[0])\n",

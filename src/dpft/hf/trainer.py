@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -405,7 +406,7 @@ class DPTrainerMixin:
 
     def _report_view(self) -> SimpleNamespace:
         p, dp = self.privacy_args, self._dp
-        dtype = "bf16" if self.args.bf16 else "fp32"
+        dtype = "bf16" if uses_bf16(self.args) else "fp32"
         weights = next((str(x.dtype) for x in self.model.parameters()), "")
         config = SimpleNamespace(
             delta=p.delta,
@@ -492,15 +493,11 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
             problems.append("packing=True: packed sequences mix privacy units, so a unit's gradient cannot be clipped")
         if getattr(args, "padding_free", False):
             problems.append("padding_free=True: sequences concatenated in one row cannot be clipped per unit")
-        if args.fp16:
+        problems += _precision_problems(args)
+        if getattr(args, "neftune_noise_alpha", None) is not None:
             problems.append(
-                "fp16=True: the loss scaler rescales gradients after the noise; use fp32, or bf16 where it is native"
-            )
-        elif args.bf16 and not precision.native_bf16(args.device):
-            problems.append(
-                f"bf16=True: {args.device.type} has no native bf16 here (it would be emulated, slower than "
-                "fp32, with no tested gain); set bf16=False to train in fp32 (TRL's SFTConfig turns bf16 on by "
-                "default; bf16=dpft.models.precision.native_bf16() chooses from the hardware)"
+                "neftune_noise_alpha: NEFTune's embedding noise scales with the micro-batch's padded width, so one "
+                "unit's gradient depends on the other units; unset it"
             )
         if args.include_num_input_tokens_seen not in ("no", False):
             problems.append("include_num_input_tokens_seen: the realised token count is private; set it to 'no'")
@@ -536,6 +533,40 @@ def refuse_unsafe(cls: type, bound: dict[str, Any], privacy: PrivacyArguments) -
         problems.append("eval_dataset is the training set: its losses are not covered by DP; evaluate on held-out data")
     if problems:
         raise ConfigError(problems)
+
+
+def _precision_problems(args: Any) -> list[str]:
+    """fp16 and fp8 never; bf16 only where it is native."""
+    if args.fp16:
+        return ["fp16=True: the loss scaler rescales gradients after the noise; use fp32, or bf16 where it is native"]
+    modes = _mixed_precision(args)
+    if any(mode not in ("no", "bf16") for mode in modes):
+        return [
+            f"ACCELERATE_MIXED_PRECISION / TrainingArguments.mixed_precision = {'/'.join(sorted(set(modes)))}: fp16's "
+            "loss scaler rescales gradients after the noise and fp8 swaps nn.Linear after dpft attached; unset it "
+            "(or 'bf16' where bf16 is native)"
+        ]
+    if uses_bf16(args) and not precision.native_bf16(args.device):
+        setting = "bf16=True" if args.bf16 else "ACCELERATE_MIXED_PRECISION=bf16"
+        return [
+            f"{setting}: {args.device.type} has no native bf16 here (it would be emulated, slower than fp32, with "
+            "no tested gain); set bf16=False and unset ACCELERATE_MIXED_PRECISION to train in fp32 (TRL's SFTConfig "
+            "turns bf16 on by default; bf16=dpft.models.precision.native_bf16() chooses from the hardware)"
+        ]
+    return []
+
+
+def _mixed_precision(args: Any) -> list[str]:
+    """accelerate's mixed precision: what the Trainer passes it (transformers 5 reads
+    ACCELERATE_MIXED_PRECISION into `args.mixed_precision` when fp16 and bf16 are unset), and the
+    variable itself (what accelerate reads when nothing is passed)."""
+    found = [getattr(args, "mixed_precision", None), os.environ.get("ACCELERATE_MIXED_PRECISION")]
+    return [str(mode).lower() for mode in found if mode is not None]
+
+
+def uses_bf16(args: Any) -> bool:
+    """bf16 autocast: asked for by `bf16=True` or by accelerate's mixed precision."""
+    return bool(args.bf16) or next(iter(_mixed_precision(args)), "no") == "bf16"
 
 
 def _parallel(args: Any) -> Parallel:
