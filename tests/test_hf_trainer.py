@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dpft
@@ -21,7 +23,7 @@ from dpft.models import load_base_model, precision, with_lora
 from dpft.privacy.engine import PerUnitClipper
 from dpft.privacy.step import PrivacyStep
 from dpft.training.loss import example_losses as dpft_example_losses
-from helpers import public_files, write_records
+from helpers import public_files, tiny_tokenizer, write_records
 from test_engine import assert_grads_close, clipped_sum, norm_of, reference_unit_grads
 from test_gradient_checkpointing import count_recomputations
 
@@ -348,10 +350,10 @@ def hf_losses(model, ids, mask, labels):
 def test_gradient_checkpointing_clips_as_the_per_unit_loop(tmp_path, tiny_model_dir, monkeypatch, name, reentrant):
     """With the Trainer's checkpointing on (TRL's default), the blocks are recomputed in the backward
     and the clipped sum of the step is still the explicit loop's, one unit at a time, without it."""
-    spy = Spy(monkeypatch)
     kwargs = {f"{name}_kwargs": {"use_reentrant": reentrant}}
     args = training_args(tmp_path / "hf", max_steps=1, **{name: True}, **kwargs)
     trainer = dp_trainer(tmp_path, tiny_model_dir, args=args, priv=privacy(max_grad_norm=CLIP))
+    spy = Spy(monkeypatch)  # after the model probe (its dummy batch has a clipped sum of its own)
     calls = count_recomputations(trainer.model)
     trainer.train()
     assert trainer.model.is_activation_checkpointing
@@ -395,3 +397,35 @@ def test_accelerates_mixed_precision_from_the_environment_is_refused(tmp_path, t
     with pytest.raises(ConfigError, match=f"ACCELERATE_MIXED_PRECISION .*= {mode}:"):
         dp_trainer(tmp_path, tiny_model_dir, args=args)
     assert not (tmp_path / "hf").exists()
+
+
+class TokenMajorLM(nn.Module):
+    """A causal LM whose trainable Linear sees the batch's rows token-major, (T·B, d): the engine's
+    per-example norms come out wrong (one unit moved the clipped sum by 1.59·C)."""
+
+    def __init__(self, vocab: int = 128, width: int = 8):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, vocab)
+        self.emb.requires_grad_(False)
+        self.head.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        h = self.emb(input_ids)
+        b, t, d = h.shape
+        rows = self.mid(h.transpose(0, 1).reshape(t * b, d))
+        return SimpleNamespace(logits=self.head(torch.tanh(rows.view(t, b, d).transpose(0, 1))))
+
+
+def test_a_model_the_engine_cannot_clip_is_refused_before_the_ledger_and_the_run(tmp_path):
+    """The probe of `dpft train` (models/probe.py) runs in the Trainer's planning too, before the
+    ledger check (a budget that the run would pass is not what is reported) and before any file."""
+    data = records(write_records(tmp_path / "d.jsonl"))
+    args = training_args(tmp_path / "hf")
+    with pytest.raises(ConfigError, match=r"'mid\.weight': dpft's per-unit gradients disagree"):
+        DPTrainer(model=TokenMajorLM(), args=args, train_dataset=data, processing_class=tiny_tokenizer(),
+                  privacy_args=privacy(dataset_budget=1.0))  # fmt: skip
+    assert not (tmp_path / "hf").exists()
+    assert BudgetLedger().history(dataset_fingerprint(data)) == []

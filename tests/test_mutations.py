@@ -179,6 +179,13 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "Trainer skips the model probe",
+        "hf/trainer.py",
+        "        check_trainable(self.model, len(self.processing_class))",
+        "        pass",
+        ("tests/test_hf_trainer.py::test_a_model_the_engine_cannot_clip_is_refused_before_the_ledger_and_the_run",),
+    ),
+    Mutation(
         "each rank keeps its own draw of a user's capped records",
         "training/distributed.py",
         "        units.adopt(held[0])\n",

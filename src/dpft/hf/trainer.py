@@ -55,6 +55,7 @@ from dpft.hf.data import encode_dataset
 from dpft.hf.resume import TRAINER_CONFIG, check_resumable, holds_run, settings_hash
 from dpft.ledger import BudgetLedger
 from dpft.models import precision
+from dpft.models.probe import check_trainable
 from dpft.privacy.accounting import Segment
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
@@ -161,6 +162,7 @@ class DPTrainerMixin:
         planned_segments = [
             Segment(q, mechanism.noise_multiplier, min(planned, allowed))
         ]  # the hard stop caps the run there
+        check_trainable(self.model, len(self.processing_class))  # as `dpft train`: before the ledger and the run
         if not holds_run(paths):  # an existing run can only be resumed: its spend is in the ledger already
             ledger.check(planned_segments, p.dataset_budget)  # early; train() checks again before writing
         return _DPState(
