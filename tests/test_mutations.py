@@ -186,6 +186,20 @@ MUTATIONS = [
         ("tests/test_hf_trainer.py::test_a_model_the_engine_cannot_clip_is_refused_before_the_ledger_and_the_run",),
     ),
     Mutation(
+        "Trainer accepts a RoPE that follows the batch (dynamic, longrope)",
+        "hf/trainer.py",
+        '        check_rope(getattr(self.model, "config", None), length)',
+        "        pass",
+        ("tests/test_rope.py::test_dp_trainer_refuses_it_before_anything_is_written",),
+    ),
+    Mutation(
+        "recipe accepts a RoPE that follows the batch (dynamic, longrope)",
+        "training/recipe.py",
+        "        check_rope(loaded.model.config, config.max_length)",
+        "        pass",
+        ("tests/test_rope.py::test_dpft_train_refuses_it_before_anything_is_written",),
+    ),
+    Mutation(
         "each rank keeps its own draw of a user's capped records",
         "training/distributed.py",
         "        units.adopt(held[0])\n",

@@ -56,6 +56,7 @@ from dpft.hf.resume import TRAINER_CONFIG, check_resumable, holds_run, settings_
 from dpft.ledger import BudgetLedger
 from dpft.models import precision
 from dpft.models.probe import check_trainable
+from dpft.models.rope import check_rope
 from dpft.privacy.accounting import Segment
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
@@ -141,6 +142,7 @@ class DPTrainerMixin:
         par = _parallel(args)
         randomness = Randomness.secure() if p.unsafe_seed is None else Randomness.unsafe_seeded(p.unsafe_seed)
         length = p.max_length or getattr(args, "max_length", None) or DEFAULT_MAX_LENGTH
+        check_rope(getattr(self.model, "config", None), length)  # its frequencies must not follow the batch
         data = encode_dataset(raw_train, self.processing_class, p, length)
         cap = p.max_records_per_user if p.privacy_unit == "user" else None
         units = par.agreed_units(PrivacyUnits(data.unit_examples, data.unit_ids, cap, randomness))

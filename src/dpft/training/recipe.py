@@ -33,6 +33,7 @@ from dpft.models import load_base_model, with_lora
 from dpft.models.precision import announce, autocast, dtype_name, resolve_dtype
 from dpft.models.prefix_cache import PrefixCache
 from dpft.models.probe import check_trainable
+from dpft.models.rope import check_rope
 from dpft.privacy.accounting import Segment
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
@@ -170,6 +171,8 @@ def setup(config: TrainConfig) -> Run:
     randomness = Randomness.secure() if seed is None else Randomness.unsafe_seeded(seed)
     records = read_records(config.data)
     loaded = load_base_model(config.model, config.weights_dtype)
+    if not config.no_dp:
+        check_rope(loaded.model.config, config.max_length)  # its frequencies must not follow the batch
     data = encode_records(records, loaded.tokenizer, config.max_length, config.privacy_unit, config.loss_on)
     cap = config.max_records_per_user if config.privacy_unit == "user" else None
     lengths = [len(e.input_ids) for e in data.examples]
