@@ -5,9 +5,10 @@ into members and non-members; canaries shaped like the records are mixed into tr
 are audited through `dpft audit` (verbatim and secret extraction, MIA, exposure, one-run bound).
 
 --model tiny: chats, a tiny random Llama fully fine-tuned, the plain one full-batch until it has the
-records by heart, the DP one at ε = 8 per record (δ = 1e-3). --model embedded: support tickets as
-prompt/completion records, SmolLM2-135M-Instruct with the demo's LoRA (r = 16, all linear layers of the
-last 15 blocks, loss on every token), plain 3 epochs vs DP ε = 8 per record (δ = 1e-5), 5 epochs.
+records by heart, the DP one at ε = 8 per record (δ = 1e-4: about 180 records, and δ ≤ 0.1/N).
+--model embedded: support tickets as prompt/completion records, SmolLM2-135M-Instruct with the demo's
+LoRA (r = 16, all linear layers of the last 15 blocks, loss on every token), plain 3 epochs vs DP
+ε = 8 per record (δ = 1e-5), 5 epochs.
 
     PYTHONPATH=src:tests python benchmarks/generic_audit.py --model tiny --output /tmp/generic-audit   # ~2 min
     python benchmarks/generic_audit.py --model embedded --output /tmp/generic-audit-smollm             # ~10 min, 2 cores
@@ -106,7 +107,7 @@ def _tiny_settings(out: Path, data: str, args: argparse.Namespace) -> dict:
     return {
         "common": dict(model=str(model), full=True, max_length=96, micro_batch_size=64, lr=1e-2, dtype="fp32"),
         "plain": dict(no_dp=True, epsilon=None, batch_size=units, max_steps=args.plain_steps),
-        "dp": dict(epsilon=8.0, delta=1e-3, batch_size=32, max_steps=args.dp_steps),
+        "dp": dict(epsilon=8.0, delta=1e-4, batch_size=32, max_steps=args.dp_steps),  # δ ≤ 0.1/N
     }
 
 

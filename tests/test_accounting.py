@@ -118,6 +118,21 @@ def test_check_delta():
         check_delta(1e-5, 0)
 
 
+@pytest.mark.parametrize("delta", [0.9 / 1000, 2e-4, 1.01e-4])
+def test_check_delta_refuses_more_than_a_tenth_of_one_over_n(delta):
+    """Below 1/N is not "well below": 9e-4 at N = 1000 passed before."""
+    with pytest.raises(ConfigError, match=r"--delta .*at most 0.1/N = 0.0001.*use e.g. --delta 0.0001$"):
+        check_delta(delta, 1000)
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 40, 99, 100, 425, 1000, 12_345, 10**6])
+def test_check_delta_accepts_a_tenth_of_one_over_n_and_its_own_suggestion(n):
+    check_delta(0.1 / n, n)
+    with pytest.raises(ConfigError) as refused:
+        check_delta(0.5, n)
+    check_delta(float(str(refused.value).rsplit(" ", 1)[1]), n)  # "use e.g. --delta X"
+
+
 def reference_pld(segments, delta: float, grid: float) -> float:
     """dp_accounting's own PLDAccountant on the same events (no dpft code but `dp_event`)."""
     return PLDAccountant(value_discretization_interval=grid).compose(dp_event(segments)).get_epsilon(delta)

@@ -20,7 +20,7 @@ class PrivacyArguments:
     """
 
     target_epsilon: float | None = field(default=8.0, metadata={"help": "Target ε (required: the hard stop)."})
-    delta: float = field(default=1e-5, metadata={"help": "Target δ, well below 1/number of privacy units."})
+    delta: float = field(default=1e-5, metadata={"help": "Target δ, at most 0.1/N (N: the privacy units)."})
     noise_multiplier: float | None = field(
         default=None, metadata={"help": "σ; default: calibrated so the planned steps spend target_epsilon."}
     )

@@ -54,6 +54,7 @@ _MAX_COMPOSED_POINTS = 1 << 20  # each composition is an FFT (and ε a Python sc
 _MIN_CALIBRATED_SIGMA = 0.05
 _MAX_CALIBRATED_SIGMA = 2.0**20
 _RELATIVE_TOLERANCE = 1e-4  # calibrate σ to within this
+MAX_DELTA_TIMES_N = 0.1  # δ ≤ 0.1/N: "well below 1/N" (check_delta)
 
 
 class Segment(NamedTuple):
@@ -118,21 +119,24 @@ def _validate(**settings: float | int | str | None) -> None:
 def check_delta(delta: float, num_units: int) -> None:
     """Refuse a δ that is not well below 1/N, where N is the number of privacy units.
 
+    "Well below" is δ ≤ 0.1/N: at δ near 1/N a mechanism that publishes one random unit's data in
+    full already satisfies the guarantee.
+
     Args:
         delta: The target δ.
         num_units: The number of privacy units (records, or users) in the training data.
 
     Raises:
-        ConfigError: If δ is not in (0, 1), N < 1, or δ ≥ 1/N.
+        ConfigError: If δ is not in (0, 1), N < 1, or δ > 0.1/N.
     """
     problems = _problems(delta=delta)
     if num_units < 1:
         problems.append(f"the training data has no privacy units (N = {num_units})")
-    elif not problems and delta >= 1 / num_units:
+    elif not problems and delta * num_units > MAX_DELTA_TIMES_N * (1 + 1e-9):  # 1e-9: δ = 0.1/N itself passes
         problems.append(
-            f"--delta {delta:g} must be well below 1/N = 1/{num_units}: a mechanism that publishes "
-            f"one random unit's data in full satisfies (0, 1/N)-DP; use e.g. --delta "
-            f"{10 ** math.floor(math.log10(0.1 / num_units)):g}"
+            f"--delta {delta:g} must be well below 1/N = 1/{num_units} (at most 0.1/N = {0.1 / num_units:.3g}): "
+            f"a mechanism that publishes one random unit's data in full satisfies (0, 1/N)-DP; use e.g. --delta "
+            f"{10 ** math.floor(math.log10(MAX_DELTA_TIMES_N / num_units)):g}"
         )
     if problems:
         raise ConfigError(problems)

@@ -77,7 +77,7 @@ class TrainConfig:
         8.0,
         "Target ε: σ is calibrated so the planned steps spend at most this; with --noise-multiplier it is a hard cap.",
     )
-    delta: float = _opt(1e-5, "Target δ; must be well below 1/number of privacy units.")
+    delta: float = _opt(1e-5, "Target δ; at most 0.1/N (well below 1/N), N = the number of privacy units.")
     noise_multiplier: float | None = _opt(None, "Noise multiplier σ; without --epsilon, ε is reported but not capped.")
     max_grad_norm: float = _opt(1.0, "Clipping bound C on each privacy unit's gradient (L2).")
     accountant: str = _opt(
