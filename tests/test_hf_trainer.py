@@ -31,7 +31,7 @@ CLIP = 0.27  # between the smallest and the largest unit norm of the checkpointi
 CORE_KEYS = (
     "dp", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size",
     "steps", "planned_steps", "target_epsilon", "accountant", "segments", "sampling", "privacy_unit",
-    "max_records_per_user", "num_units", "randomness", "stop_reason",
+    "max_records_per_user", "num_units", "randomness", "stop_reason", "neighboring_relation",
 )  # fmt: skip
 
 

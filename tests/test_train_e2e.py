@@ -24,6 +24,7 @@ PRIVACY_KEYS = {
     "steps",
     "accountant",
     "sampling",
+    "neighboring_relation",
     "privacy_unit",
     "num_units",
     "dp",
@@ -54,6 +55,7 @@ def test_dp_run_writes_the_contract(tmp_path, tiny_model_dir):
     assert set(privacy) >= PRIVACY_KEYS
     assert privacy == json.loads(json.dumps(report))
     assert privacy["dp"] is True and privacy["sampling"] == "poisson" and privacy["steps"] == 6
+    assert privacy["neighboring_relation"] == "add_or_remove_one"  # what ε is about; N is public, not protected
     assert privacy["sample_rate"] == pytest.approx(8 / 40)
     expected = compute_epsilon(privacy["sample_rate"], privacy["noise_multiplier"], 6, 1e-3)
     assert privacy["epsilon"] == pytest.approx(expected) and privacy["epsilon"] <= 8.0
@@ -86,6 +88,7 @@ def test_no_dp_baseline(tmp_path, tiny_model_dir):
     data = write_records(tmp_path / "d.jsonl")
     report = dpft.train(str(data), str(tmp_path / "run"), **base_options(tiny_model_dir, no_dp=True))
     assert report["dp"] is False and report["epsilon"] is None and report["steps"] == 6
+    assert report["neighboring_relation"] is None  # no accounting, no relation
     assert "No privacy guarantee" in (tmp_path / "run" / "model" / "README.md").read_text()
 
 

@@ -9,6 +9,7 @@ from dpft.privacy.sampling import batch_size_consistency
 # Below this p-value the observed batch sizes cannot come from the Poisson sampler the accountant
 # assumes: a sampler bug must not become a false ε, so the guarantee is withheld.
 SAMPLING_P_MIN = 1e-6
+NEIGHBORING_RELATION = "add_or_remove_one"  # what the accountant's ε is about (dp_accounting's ADD_OR_REMOVE_ONE)
 
 
 def privacy_report(run: Any, stop_reason: str) -> dict[str, Any]:
@@ -33,6 +34,8 @@ def privacy_report(run: Any, stop_reason: str) -> dict[str, Any]:
         "accountant": c.accountant if m.dp else None,
         "segments": [list(s) for s in segments],
         "sampling": "poisson",
+        # ε bounds adding or removing one unit (Poisson sampling); N and q·N are public, not protected
+        "neighboring_relation": NEIGHBORING_RELATION if m.dp else None,
         "privacy_unit": c.privacy_unit,
         "max_records_per_user": c.max_records_per_user if c.privacy_unit == "user" else None,
         "num_units": len(run.units),

@@ -134,12 +134,19 @@ def model_card(p: dict[str, Any], base_model: str) -> str:
     if p.get("epsilon") is None:
         return head + f"**No guarantee reported**: {p.get('guarantee_refused', 'see privacy.json')}\n"
     eps, delta = p["epsilon"], p["delta"]
+    one = unit.split(" ")[0]
     return head + (
         f"## Privacy guarantee\n\nTrained with DP-SGD: ({eps:.3g}, {delta:.3g})-differential privacy "
-        f"at the level of one **{unit}**, over {p['num_units']} units (the number of units is public).\n\n"
-        f"In words: whether any single {unit.split(' ')[0]} was in the training data or not changes "
-        f"the probability of any outcome of training by at most a factor e^{eps:.3g} ≈ {math.exp(min(eps, 50)):.3g}, "
+        f"at the level of one **{unit}**, for the published sampling rate q = {p['sample_rate']:.4g}, "
+        f"noise multiplier σ = {p['noise_multiplier']:.4g} and {p['steps']} steps, under the "
+        "**add-or-remove-one** neighbouring relation.\n\n"
+        f"In words: adding any single {one} to the training data, or removing one from it, changes the "
+        f"probability of any outcome of training by at most a factor e^{eps:.3g} ≈ {math.exp(min(eps, 50)):.3g}, "
         f"except with probability {delta:.3g}. {_strength(eps)}\n\n"
+        f"The number of units, N = {p['num_units']}, is published (privacy.json) and is public, not "
+        f"protected, as is what is derived from it (the expected batch q·N = {p['expected_batch_size']}): "
+        "the guarantee covers what training did with the units, not the size of the data. Replacing one "
+        f"{one} by another is bounded only through group privacy (2ε).\n\n"
         f"{_randomness_words(p['randomness'])}\n\n"
         "## How\n\n"
         f"- {p['steps']} steps, Poisson sampling of units with rate q = {p['sample_rate']:.4g} "
@@ -149,6 +156,7 @@ def model_card(p: dict[str, Any], base_model: str) -> str:
         f"- Accountant: {p['accountant'].upper()} (dp_accounting); every step that touched the data "
         "is counted, including steps redone after a crash.\n\n"
         "## What it does not protect\n\n"
+        "- The size of the training data (N units) and what is derived from it (q·N): they are public.\n"
         "- Facts shared by many units (population statistics) are learned: that is the point.\n"
         "- A person whose records carry different user_ids is protected per record, not as a whole.\n"
         "- The base model's own pre-training data and any prompt given at inference are not covered.\n"
