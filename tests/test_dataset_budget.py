@@ -35,3 +35,19 @@ def test_non_private_run_exposes_the_dataset(tmp_path, tiny_model_dir):
         dpft.train(data, str(tmp_path / "dp"), **base_options(tiny_model_dir, dataset_budget=100.0))
     res = CliRunner().invoke(app, ["ledger", "show", "--data", data, "--json"])
     assert json.loads(res.stdout)["exposed"] is True
+
+
+def test_a_user_level_run_is_refused_after_a_record_level_one(tmp_path, tiny_model_dir):
+    data = str(write_records(tmp_path / "d.jsonl"))
+    dpft.train(data, str(tmp_path / "a"), **base_options(tiny_model_dir, max_steps=1, dataset_budget=50.0))
+    user = dict(privacy_unit="user", batch_size=4, delta=1e-2, max_steps=1)
+    with pytest.raises(BudgetExceededError, match=r"privacy unit 'user': run \w+ on this dataset is 'record'-level"):
+        dpft.train(data, str(tmp_path / "b"), **base_options(tiny_model_dir, dataset_budget=50.0, **user))
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+    # Without a dataset budget nothing is composed, so nothing is refused; the ledger shows each unit.
+    dpft.train(data, str(tmp_path / "c"), **base_options(tiny_model_dir, max_records_per_user=3, **user))
+    shown = CliRunner().invoke(app, ["ledger", "show", "--data", data])
+    assert shown.exit_code == 0, shown.output
+    assert [line.split("  ")[3] for line in shown.stdout.splitlines()[:2]] == ["per record", "per user (≤ 3 records)"]
+    runs = json.loads(CliRunner().invoke(app, ["ledger", "show", "--data", data, "--json"]).stdout)["runs"]
+    assert [(r["privacy_unit"], r["max_records_per_user"]) for r in runs] == [("record", None), ("user", 3)]

@@ -264,6 +264,11 @@ def test_ledger_records_the_run_settings_are_public_and_the_seed_is_not(tmp_path
     [entry] = BudgetLedger().history(fingerprint)
     assert [list(s) for s in entry.segments] == report["segments"] and report["steps"] == 4
     assert entry.dp and entry.epsilon == pytest.approx(report["epsilon"]) and entry.output == str(root.resolve())
+    assert (entry.privacy_unit, entry.max_records_per_user) == ("record", None)
+    # A user-level run under a dataset budget is refused: the ledger cannot add a record-level ε to it.
+    user = privacy(dataset_budget=50.0, privacy_unit="user", max_records_per_user=2)
+    with pytest.raises(BudgetExceededError, match=r"privacy unit 'user': run \w+ on this dataset is 'record'-level"):
+        dp_trainer(tmp_path, tiny_model_dir, data=data, args=training_args(tmp_path / "user"), priv=user)
     # First the planned spend, before any step was journaled (no data read); then the journal's.
     assert recorded[0][1] is False and [list(s) for s in recorded[0][0]] == report["segments"]
     assert [list(s) for s in recorded[-1][0]] == report["segments"]

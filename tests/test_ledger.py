@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import multiprocessing
+import sqlite3
 
 import pytest
 
@@ -73,6 +76,57 @@ def test_total_is_not_the_last_run_nor_the_current_rate(tmp_path):
     assert total == pytest.approx(composed(runs[0] + runs[1]), rel=1e-12)
     assert total > 1.5 * composed(runs[1])
     assert total > 1.5 * composed([(0.01, 2.0, 500)])
+
+
+def unit_entry(run_id: str, unit: str | None, cap: int | None = None) -> RunEntry:
+    return dataclasses.replace(dp_entry(run_id, [(0.01, 1.0, 10)]), privacy_unit=unit, max_records_per_user=cap)
+
+
+def test_entries_keep_their_privacy_unit(tmp_path):
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+    ledger.record_run("fp", unit_entry("a", "user", 8))
+    ledger.record_run("fp", unit_entry("b", "record"))
+    assert [(e.privacy_unit, e.max_records_per_user) for e in ledger.history("fp")] == [("user", 8), ("record", None)]
+
+
+def test_a_run_of_another_privacy_unit_is_refused_under_a_dataset_budget(tmp_path):
+    """A record-level ε and a user-level ε composed as one total understate the user-level spend."""
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+    ledger.record_run("fp", unit_entry("a1b2c3d4e5", "record"))
+    planned = [(0.01, 1.0, 10)]
+    with pytest.raises(
+        BudgetExceededError, match=r"privacy unit 'user': run a1b2c3d4 on this dataset is 'record'-level"
+    ):
+        ledger.check_budget("fp", planned, DELTA, 100.0, privacy_unit="user")
+    ledger.check_budget("fp", planned, DELTA, 100.0, privacy_unit="record")  # the same unit composes
+    ledger.check_budget("other", planned, DELTA, 100.0, privacy_unit="user")  # another dataset
+    ledger.record_run("fp2", unit_entry("old", None))  # unknown (an older entry): not a conflict
+    ledger.check_budget("fp2", planned, DELTA, 100.0, privacy_unit="user")
+
+
+def test_a_ledger_from_before_the_unit_columns_is_upgraded(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute(
+            "INSERT INTO runs (fingerprint, run_id, output, created, dp, epsilon, delta, accountant, segments) "
+            "VALUES ('fp', 'old', 'runs/old', '2024-01-01', 1, 0.5, 1e-5, 'pld', '[[0.01, 1.0, 10]]')"
+        )
+        db.commit()
+    ledger = BudgetLedger(path)
+    [old] = ledger.history("fp")
+    assert (old.privacy_unit, old.max_records_per_user) == (None, None) and old.segments == (Segment(0.01, 1.0, 10),)
+    ledger.record_run("fp", unit_entry("new", "user", 4))
+    assert [e.privacy_unit for e in BudgetLedger(path).history("fp")] == [None, "user"]
+
+
+OLD_SCHEMA = """
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL, run_id TEXT NOT NULL, output TEXT NOT NULL,
+    created TEXT NOT NULL, dp INTEGER NOT NULL, epsilon REAL, delta REAL, accountant TEXT, segments TEXT NOT NULL,
+    UNIQUE (fingerprint, run_id)
+);
+"""
 
 
 def test_invalid_entries_are_refused_as_user_errors(tmp_path):

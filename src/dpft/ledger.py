@@ -6,6 +6,11 @@ entry holds numbers, ids and paths only, never training text. DP entries keep th
 journal as `Segment` s, so the total over all runs is `epsilon_of` all their segments at the δ
 asked for (valid whatever δ each run reported). Entries without segments can only be
 added by basic composition (ε and δ summed), and a non-private run exposes the dataset (ε = ∞).
+
+Each entry also holds its privacy unit (and, per user, the records cap): a record-level ε and a
+user-level ε do not compose into one user-level total, so a run under a dataset budget is refused
+if another run on the dataset used the other unit. Entries written before the unit was kept have
+none (unknown): they are composed as before, and shown as unknown.
 """
 
 from __future__ import annotations
@@ -34,16 +39,23 @@ CREATE TABLE IF NOT EXISTS runs (
     delta REAL,
     accountant TEXT,
     segments TEXT NOT NULL,
+    privacy_unit TEXT,
+    max_records_per_user INTEGER,
     UNIQUE (fingerprint, run_id)
 );
 """
-_COLUMNS = "run_id, output, created, dp, epsilon, delta, accountant, segments"
+_ADDED_COLUMNS = (("privacy_unit", "TEXT"), ("max_records_per_user", "INTEGER"))  # missing from older ledgers
+_COLUMNS = "run_id, output, created, dp, epsilon, delta, accountant, segments, privacy_unit, max_records_per_user"
 _BUSY_TIMEOUT_MS = 60_000
 
 
 @dataclasses.dataclass(frozen=True)
 class RunEntry:
-    """One run on a dataset. `segments` is the run's privacy journal (empty if not DP)."""
+    """One run on a dataset. `segments` is the run's privacy journal (empty if not DP).
+
+    `privacy_unit` is "record" or "user" (None: unknown, an entry from before it was kept);
+    `max_records_per_user` the user-level cap (None otherwise).
+    """
 
     run_id: str
     output: str
@@ -53,6 +65,8 @@ class RunEntry:
     delta: float | None
     accountant: str | None
     segments: tuple[Segment, ...]
+    privacy_unit: str | None = None
+    max_records_per_user: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +102,7 @@ class BudgetLedger:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            _add_missing_columns(db)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -118,12 +133,15 @@ class BudgetLedger:
             entry.delta,
             entry.accountant,
             segments,
+            entry.privacy_unit,
+            entry.max_records_per_user,
         )
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
             try:
                 db.execute("DELETE FROM runs WHERE fingerprint = ? AND run_id = ?", (fingerprint, entry.run_id))
-                db.execute(f"INSERT INTO runs (fingerprint, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                marks = ", ".join("?" * len(row))
+                db.execute(f"INSERT INTO runs (fingerprint, {_COLUMNS}) VALUES ({marks})", row)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -147,8 +165,10 @@ class BudgetLedger:
                 delta,
                 accountant,
                 tuple(Segment(q, s, n) for q, s, n in json.loads(segments)),
+                unit,
+                cap,
             )
-            for run_id, output, created, dp, epsilon, delta, accountant, segments in rows
+            for run_id, output, created, dp, epsilon, delta, accountant, segments, unit, cap in rows
         ]
 
     def spend(
@@ -189,6 +209,7 @@ class BudgetLedger:
         delta: float,
         dataset_budget: float,
         accountant: str = "pld",
+        privacy_unit: str | None = None,
     ) -> float:
         """ε of the dataset's history plus a planned run; refuse a run that exceeds the budget.
 
@@ -198,14 +219,18 @@ class BudgetLedger:
             delta: The δ at which ε is composed.
             dataset_budget: The largest total ε allowed on this dataset (--dataset-budget).
             accountant: "pld" or "rdp".
+            privacy_unit: The planned run's unit ("record" or "user"); None: not checked.
 
         Returns:
             The would-be total ε.
 
         Raises:
-            BudgetExceededError: If the total would exceed `dataset_budget`.
+            BudgetExceededError: If the total would exceed `dataset_budget`, or another run on the
+                dataset used another privacy unit.
             ConfigError: On invalid segments, δ or accountant.
         """
+        if privacy_unit is not None:
+            self.check_unit(fingerprint, privacy_unit)
         before = self.spend(fingerprint, delta, accountant=accountant)
         after = self.spend(fingerprint, delta, planned, accountant)
         if after.method == "exposed":
@@ -221,6 +246,37 @@ class BudgetLedger:
             )
         return after.epsilon
 
+    def check_unit(self, fingerprint: str, privacy_unit: str) -> None:
+        """Refuse a run whose privacy unit differs from another run's on the dataset (unknown units pass).
+
+        A record-level ε says nothing per user until multiplied by the records a user has, so one
+        total over runs of both units would understate the user-level spend.
+
+        Raises:
+            BudgetExceededError: Naming both units and the other run.
+        """
+        for e in self.history(fingerprint):
+            if e.privacy_unit is not None and e.privacy_unit != privacy_unit:
+                raise BudgetExceededError(
+                    f"privacy unit {privacy_unit!r}: run {e.run_id[:8]} on this dataset is {e.privacy_unit!r}-level, "
+                    f"and the ledger cannot compose the two into one total under a dataset budget; train with "
+                    f"privacy unit {e.privacy_unit!r}"
+                )
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a ledger written by an older dpft up to the schema (its entries' units stay NULL: unknown)."""
+    db.execute("BEGIN IMMEDIATE")  # two processes opening an old ledger add each column once
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
 
 def _check_entry(entry: RunEntry) -> None:
     """Refuse an entry the ledger could not compose later."""
@@ -232,5 +288,7 @@ def _check_entry(entry: RunEntry) -> None:
         problems.append(f"run {entry.run_id}: epsilon must be >= 0, got {entry.epsilon}")
     if entry.delta is not None and not 0 <= entry.delta < 1:
         problems.append(f"run {entry.run_id}: --delta must be in [0, 1), got {entry.delta}")
+    if entry.privacy_unit not in (None, "record", "user"):
+        problems.append(f"run {entry.run_id}: --privacy-unit must be record or user, got {entry.privacy_unit!r}")
     if problems:
         raise ConfigError(problems)

@@ -42,10 +42,18 @@ def show(
         return
     for r in runs:
         guarantee = f"ε = {r['epsilon']:.3g}, δ = {r['delta']:g}" if r["dp"] else "NON-PRIVATE (data exposed)"
-        print(f"{r['created']}  {r['run_id'][:8]}  {guarantee}  {r['output']}")
+        print(f"{r['created']}  {r['run_id'][:8]}  {guarantee}  {_unit(r)}  {r['output']}")
     if fingerprint:
         total = "∞ (exposed by a non-private run)" if out["exposed"] else f"{spend.epsilon:.3g}"
         print(f"total on this dataset: ε = {total} at δ = {spend.delta:g} ({spend.method} composition)")
+
+
+def _unit(run: dict) -> str:
+    """The privacy unit as a column: "per record", "per user (≤ k records)", or unknown (an older entry)."""
+    if run["privacy_unit"] is None:
+        return "unit unknown"
+    cap = run["max_records_per_user"]
+    return f"per {run['privacy_unit']}" + (f" (≤ {cap} records)" if cap is not None else "")
 
 
 def register(app: typer.Typer) -> None:

@@ -67,15 +67,20 @@ class TrainerBudget:
     fingerprint: str
     delta: float
     accountant: str
+    privacy_unit: str = "record"
+    max_records_per_user: int | None = None  # user level only
 
     def check(self, planned: Sequence[Segment], dataset_budget: float | None) -> None:
         """Refuse a run whose planned segments would bring the dataset past `dataset_budget`.
 
         Raises:
-            BudgetExceededError: If the composed total would pass the budget.
+            BudgetExceededError: If the composed total would pass the budget, or another run on the
+                dataset used another privacy unit.
         """
         if dataset_budget is not None:
-            self.ledger.check_budget(self.fingerprint, planned, self.delta, dataset_budget, self.accountant)
+            self.ledger.check_budget(
+                self.fingerprint, planned, self.delta, dataset_budget, self.accountant, self.privacy_unit
+            )
 
     def record(self, root: Path, segments: Sequence[Segment]) -> None:
         """Record (or replace) the run's entry: its planned segments, then its journal's."""
@@ -89,5 +94,7 @@ class TrainerBudget:
             delta=self.delta,
             accountant=self.accountant,
             segments=journal,
+            privacy_unit=self.privacy_unit,
+            max_records_per_user=self.max_records_per_user,
         )
         self.ledger.record_run(self.fingerprint, entry)

@@ -160,7 +160,7 @@ class DPTrainerMixin:
         )
         sampler = par.sampler(PoissonSampler(len(units), q, randomness))
         fingerprint = dataset_fingerprint(raw_train)  # once: the ledger key of this run's data
-        ledger = TrainerBudget(BudgetLedger(), fingerprint, p.delta, p.accountant)
+        ledger = TrainerBudget(BudgetLedger(), fingerprint, p.delta, p.accountant, p.privacy_unit, cap)
         planned_segments = [
             Segment(q, mechanism.noise_multiplier, min(planned, allowed))
         ]  # the hard stop caps the run there

@@ -34,13 +34,14 @@ class DatasetBudget:
         """Refuse a run whose planned segments would bring the dataset past --dataset-budget.
 
         Raises:
-            BudgetExceededError: If the ledger's composed total would pass --dataset-budget.
+            BudgetExceededError: If the ledger's composed total would pass --dataset-budget, or
+                another run on the dataset used another privacy unit.
         """
         if c.dataset_budget is None:
             return
         if c.no_dp:
             raise BudgetExceededError("--no-dp with --dataset-budget: a non-private run spends an unbounded budget")
-        self.ledger.check_budget(self.fingerprint, planned, c.delta, c.dataset_budget, c.accountant)
+        self.ledger.check_budget(self.fingerprint, planned, c.delta, c.dataset_budget, c.accountant, c.privacy_unit)
 
     def record(self, c: TrainConfig, root: Path, segments: Sequence[Segment]) -> None:
         """Record (or replace) this run's entry: numbers, ids and paths only.
@@ -61,6 +62,8 @@ class DatasetBudget:
             delta=c.delta if dp else None,
             accountant=c.accountant if dp else None,
             segments=journal,
+            privacy_unit=c.privacy_unit,
+            max_records_per_user=c.max_records_per_user if c.privacy_unit == "user" else None,
         )
         self.ledger.record_run(self.fingerprint, entry)
 
