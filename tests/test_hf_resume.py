@@ -125,6 +125,25 @@ def test_the_hard_stop_composes_the_steps_of_the_lost_attempt(tmp_path, tiny_mod
     assert report["epsilon"] <= target
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resume_refuses_a_journal_shorter_than_the_checkpoint(tmp_path, tiny_model_dir):
+    """A journal lost, or restored from an older copy, would undercount ε: refused, nothing rewritten."""
+    data = records(write_records(tmp_path / "d.jsonl"))
+    run(tmp_path, tiny_model_dir, "run", data, steps=4, crash_at=2)  # 3 steps journalled, checkpoint at step 2
+    root = tmp_path / "run"
+    journal, metrics = root / "private" / "journal.jsonl", root / "metrics.jsonl"
+    rows = metrics.read_text()
+    for kept in (1, 0):  # an older copy of the journal, then none at all
+        if kept:
+            journal.write_text(journal.read_text().splitlines(keepends=True)[0])
+        else:
+            journal.unlink()
+        with pytest.raises(ConfigError, match=f"journal holds {kept} steps but the checkpoint is at step 2"):
+            run(tmp_path, tiny_model_dir, "run", data, steps=4, resume=True)
+        assert metrics.read_text() == rows and not (root / "privacy.json").exists()
+    assert not journal.exists()
+
+
 @pytest.fixture
 def interrupted(tmp_path, tiny_model_dir):
     """A run interrupted in its first step (journalled, no checkpoint yet)."""

@@ -64,7 +64,7 @@ from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
 from dpft.training.distributed import Parallel
-from dpft.training.journal import PrivacyJournal
+from dpft.training.journal import PrivacyJournal, check_covers
 from dpft.training.loss import example_losses
 from dpft.training.report import data_report, privacy_report
 from dpft.training.run_dir import (
@@ -208,7 +208,8 @@ class DPTrainerMixin:
         within target_epsilon (the hard stop).
 
         Raises:
-            ConfigError: No unfinished run, or other data, settings or randomness (`check_resumable`).
+            ConfigError: No unfinished run, or other data, settings or randomness (`check_resumable`),
+                or a journal with fewer steps than the checkpoint (`check_covers`).
             CheckpointError: A checkpoint that is corrupted or from other settings.
         """
         dp = self._dp
@@ -218,11 +219,12 @@ class DPTrainerMixin:
         if (dp.paths.checkpoints / "latest").is_file():
             dp.resumed, state = ckpt.restore_training(dp.paths.checkpoints, dp.settings_hash, self.model)
             dp.steps_done, dp.batch_sizes = state["step"], list(state["batch_sizes"])
+        spent = PrivacyJournal(dp.paths.journal, dp.mechanism.segment).segments()
+        check_covers(dp.paths.journal, spent, dp.steps_done)  # before anything is rewritten
         dp.par.barrier()  # every rank has read the checkpoint before rank 0 trims the logs
         if dp.par.is_main:
             truncate_rows(dp.paths.metrics, dp.steps_done)  # the steps after the checkpoint are redone
             truncate_rows(dp.paths.train_log, dp.steps_done)
-            spent = PrivacyJournal(dp.paths.journal, dp.mechanism.segment).segments()
             left = dp.mechanism.segment._replace(steps=max(0, dp.planned_steps - dp.steps_done))
             dp.ledger.record(dp.paths.root, [*spent, left])  # as at the start: conservative until the end
         dp.started = True

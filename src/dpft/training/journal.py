@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from dpft.errors import ConfigError
 from dpft.privacy.accounting import Segment
 
 
@@ -60,3 +61,20 @@ class PrivacyJournal:
             except (ValueError, KeyError, TypeError):
                 steps.append((self._current.sample_rate, self._current.noise_multiplier))
         return steps
+
+
+def check_covers(path: Path, segments: list[Segment], checkpoint_step: int) -> None:
+    """Refuse to resume from a checkpoint whose steps the journal does not all hold.
+
+    Every step up to the checkpoint touched the data and was journalled first, so a journal with
+    fewer steps was lost or restored from an older copy: ε would be undercounted.
+
+    Raises:
+        ConfigError: The journal's step count is below the checkpoint's step.
+    """
+    steps = sum(s.steps for s in segments)
+    if steps < checkpoint_step:
+        raise ConfigError(
+            [f"{path}: the privacy journal holds {steps} steps but the checkpoint is at step {checkpoint_step}, so "
+             "ε would be undercounted; restore the run's complete journal.jsonl before resuming"]
+        )  # fmt: skip

@@ -44,7 +44,7 @@ from dpft.training.auto_batch import auto_batch_size
 from dpft.training.budget import DatasetBudget
 from dpft.training.config import RUN_ONLY, TrainConfig
 from dpft.training.distributed import Parallel
-from dpft.training.journal import PrivacyJournal
+from dpft.training.journal import PrivacyJournal, check_covers
 from dpft.training.loss import example_losses
 from dpft.training.optimizer import build_optimizer
 from dpft.training.progress import Progress
@@ -339,6 +339,8 @@ def _restore(run: Run) -> None:
         raise DpftError(f"{paths.checkpoints}: checkpoint weights do not match the model; refusing to resume")
     run.par.load_state(run.model, run.optimizer, weights, opt_state)
     run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
+    if run.step.mechanism.dp:  # before anything is rewritten: a journal shorter than the checkpoint undercounts ε
+        check_covers(paths.journal, run.journal.segments(), run.steps_done)
     if run.par.is_main:
         truncate_rows(paths.metrics, run.steps_done)
         truncate_rows(paths.train_log, run.steps_done)
