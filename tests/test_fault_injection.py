@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dpft.hashing import sha256_file
+from dpft.ledger import BudgetLedger
 from dpft.models import load_run_model
 from dpft.privacy.accounting import compute_epsilon
 
@@ -188,6 +190,34 @@ def test_injected_kill_then_resume(trainers, tmp_path, tiny_model_dir, hook, n, 
     check_crashed(run, before, done)
     resume_and_check(trainers, run, before)
     SURVIVED["kills"] += 1
+
+
+def test_kills_and_resumes_stop_at_the_dataset_budget(trainers, tmp_path, tiny_model_dir):
+    """--dataset-budget fits 26 steps, not 27; 24 planned. Killed in step 24 (24 journalled, checkpoint at
+    20), then the resume killed after one step (25): redoing the 4 steps after the checkpoint would make
+    29 on the dataset, so the last resume stops after one. Breaks if a resume neither re-records its
+    journal in the ledger before its first step nor stops at the dataset budget."""
+    run = tmp_path / "run"
+    eps = [compute_epsilon(8 / 40, SIGMA, n, DELTA) for n in (26, 27)]
+    budget = sum(eps) / 2
+    argv = [*train_argv(tmp_path, tiny_model_dir, run), "--dataset-budget", repr(budget)]
+    rc, err = trainers.run(argv, kill={"at": "noise", "n": PLANNED})  # step 24 journalled and noised, no update
+    assert rc == -signal.SIGKILL, err
+    assert snapshot(run) == {"journal": PLANNED, "metrics": PLANNED - 1, "ckpt": 20, "complete": False}
+    resume = ["train", "--resume", str(run), "--quiet"]
+    rc, err = trainers.run(resume, kill={"at": "step", "n": 1})
+    assert rc == -signal.SIGKILL, err
+    assert snapshot(run)["journal"] == PLANNED + 1
+    # The entry this resume recorded before its first step, never replaced: the journal it found and
+    # the 4 steps still planned (never fewer steps than the journal holds).
+    [entry] = [e for e in BudgetLedger().history() if e.output == str(run.resolve())]
+    assert sum(s.steps for s in entry.segments) == PLANNED + 4
+    rc, err = trainers.run(resume)
+    assert rc == 0, err
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["steps"] == _lines(run / "private" / "journal.jsonl") == 26
+    assert "--dataset-budget" in privacy["stop_reason"] and privacy["epsilon"] == pytest.approx(eps[0])
+    assert BudgetLedger().spend(sha256_file(tmp_path / "d.jsonl"), DELTA).epsilon <= budget
 
 
 def test_random_kills_across_resumes(trainers, tmp_path, tiny_model_dir):

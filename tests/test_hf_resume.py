@@ -126,6 +126,28 @@ def test_the_hard_stop_composes_the_steps_of_the_lost_attempt(tmp_path, tiny_mod
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_the_hard_stop_composes_the_dataset_budget_with_the_other_runs(tmp_path, tiny_model_dir):
+    """2 steps of another run, then 4 planned under a budget of 6 steps (not 7): a crash in the last
+    step leaves 4 journalled, and redoing it would make 7 on the dataset. The resume stops instead."""
+    data = records(write_records(tmp_path / "d.jsonl"))
+    run(tmp_path, tiny_model_dir, "other", data, steps=2)
+    eps = [epsilon_of([Segment(Q, SIGMA, n)], DELTA) for n in (6, 7)]
+    priv = privacy(noise_multiplier=SIGMA, target_epsilon=50.0, dataset_budget=sum(eps) / 2)
+    run(tmp_path, tiny_model_dir, "run", data, steps=4, crash_at=3, priv=priv)  # journal 4, checkpoint at step 3
+    ledger = LedgerAtStart(dataset_fingerprint(data))
+    out = run(tmp_path, tiny_model_dir, "run", data, steps=4, resume=True, priv=priv, callbacks=[ledger])
+    assert ledger.segments == [[Q, SIGMA, 5]]  # the journal's 4 and the 1 still planned, before any data is read
+    report = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert (
+        report["stop_reason"].startswith("stopped at the privacy budget")
+        and "--dataset-budget" in report["stop_reason"]
+    )
+    assert report["steps"] == journal_lines(tmp_path / "run") == 4 and out.global_step == 3
+    spent = BudgetLedger().spend(dataset_fingerprint(data), DELTA)
+    assert spent.epsilon == pytest.approx(eps[0]) and spent.epsilon <= priv.dataset_budget
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_resume_refuses_a_journal_shorter_than_the_checkpoint(tmp_path, tiny_model_dir):
     """A journal lost, or restored from an older copy, would undercount ε: refused, nothing rewritten."""
     data = records(write_records(tmp_path / "d.jsonl"))

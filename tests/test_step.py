@@ -13,7 +13,7 @@ from torch import nn
 
 from dpft.errors import BudgetExceededError
 from dpft.privacy import step as step_module
-from dpft.privacy.accounting import Segment, compute_epsilon, epsilon_of
+from dpft.privacy.accounting import DatasetCap, Segment, compute_epsilon, epsilon_of
 from dpft.privacy.randomness import Randomness
 from dpft.privacy.step import Budget, Mechanism, MemoryJournal, PrivacyStep, StepOrderError
 
@@ -164,6 +164,27 @@ def test_hard_stop_composes_the_journals_actual_segments() -> None:
     with pytest.raises(BudgetExceededError):
         stopped.begin(0)
     assert journal.segments() == [Segment(0.1, 0.6, 20)]  # a refused step is not journalled
+
+
+def test_hard_stop_composes_the_dataset_budget_with_the_other_runs() -> None:
+    """Bug caught: a hard stop that ignores --dataset-budget (a resume's redone steps passed it)."""
+    journal, others = MemoryJournal(), (Segment(0.05, 0.8, 30), Segment(0.1, 2.0, 5))
+    journal.record(Segment(0.1, 2.0, 10))
+    mine = [*journal.segments(), Segment(0.1, 2.0, 1)]
+    with_one_more = epsilon_of([others[0], Segment(0.1, 2.0, 16)], 1e-5, "rdp")  # the other runs + 11 steps
+    assert epsilon_of(mine, 1e-5, "rdp") < with_one_more * 0.999  # this run alone would fit
+    for limit, fits in ((with_one_more * 1.001, True), (with_one_more * 0.999, False)):
+        model = linear_model()
+        mechanism = Mechanism(0.1, 8.0, 2.0, 1.0)
+        budget = Budget(1e-5, "rdp", None, DatasetCap(limit, others))
+        step = PrivacyStep(model, mechanism, budget, Randomness.secure(), journal)
+        assert step.within_budget() is fits
+    assert step.exceeded_limit().startswith(f"--dataset-budget {limit:g}")
+    with pytest.raises(BudgetExceededError, match="one more step would exceed --dataset-budget"):
+        step.begin(10)
+    assert journal.segments() == [Segment(0.1, 2.0, 10)]  # a refused step is not journalled
+    exposed = Budget(1e-5, "rdp", None, DatasetCap(1e6, (), math.inf))  # a non-private run used the data
+    assert not PrivacyStep(linear_model(), mechanism, exposed, Randomness.secure(), journal).within_budget()
 
 
 def test_no_dp_journals_nothing_and_adds_no_noise() -> None:

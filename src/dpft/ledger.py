@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dpft.errors import BudgetExceededError, ConfigError
-from dpft.privacy.accounting import Segment, epsilon_of, merge_segments
+from dpft.privacy.accounting import DatasetCap, Segment, epsilon_of, merge_segments
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -245,6 +245,20 @@ class BudgetLedger:
                 f"δ = {after.delta:g}), over --dataset-budget {dataset_budget:g}"
             )
         return after.epsilon
+
+    def cap(self, fingerprint: str, limit: float, exclude_run: str | None = None) -> DatasetCap:
+        """The dataset budget as a run's hard stop sees it: every other run on the dataset, as it is now.
+
+        Args:
+            fingerprint: The dataset fingerprint.
+            limit: --dataset-budget.
+            exclude_run: The run's own id (a resumed run's entry is not "another run").
+        """
+        entries = [e for e in self.history(fingerprint) if e.run_id != exclude_run]
+        if any(not e.dp for e in entries):
+            return DatasetCap(limit, (), math.inf)
+        bare = sum(e.epsilon for e in entries if not e.segments)
+        return DatasetCap(limit, merge_segments(s for e in entries for s in e.segments), bare)
 
     def check_unit(self, fingerprint: str, privacy_unit: str) -> None:
         """Refuse a run whose privacy unit differs from another run's on the dataset (unknown units pass).

@@ -40,7 +40,8 @@ class PrivacyArguments:
         default=None,
         metadata={
             "help": "Largest total ε on this train_dataset over every run in the budget ledger "
-            "($DPFT_LEDGER); a run that would pass it is refused before it starts."
+            "($DPFT_LEDGER); a run that would pass it is refused before it starts, and a step that would "
+            "(one redone after a crash) is not taken."
         },
     )
     unsafe_seed: int | None = field(

@@ -20,8 +20,8 @@ from typing import Any
 from dpft.errors import ConfigError
 from dpft.hf.data import _as_dataset
 from dpft.ledger import BudgetLedger, RunEntry
-from dpft.privacy.accounting import Segment, epsilon_of, merge_segments
-from dpft.training.budget import run_id
+from dpft.privacy.accounting import DatasetCap, Segment, epsilon_of, merge_segments
+from dpft.training.budget import existing_run_id, run_id
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -81,6 +81,17 @@ class TrainerBudget:
             self.ledger.check_budget(
                 self.fingerprint, planned, self.delta, dataset_budget, self.accountant, self.privacy_unit
             )
+
+    def cap(self, dataset_budget: float | None, root: Path | None) -> DatasetCap | None:
+        """`dataset_budget` for the hard stop: the ledger's other runs on this dataset, as they are now.
+
+        Args:
+            dataset_budget: PrivacyArguments.dataset_budget (None: no cap).
+            root: A resumed run's output_dir (its own entry is not counted); None for a new run.
+        """
+        if dataset_budget is None:
+            return None
+        return self.ledger.cap(self.fingerprint, dataset_budget, exclude_run=existing_run_id(root))
 
     def record(self, root: Path, segments: Sequence[Segment]) -> None:
         """Record (or replace) the run's entry: its planned segments, then its journal's."""

@@ -185,6 +185,8 @@ class DPTrainerMixin:
                  "run with train(resume_from_checkpoint=True)"]
             )  # fmt: skip
         dp.ledger.check(dp.planned_segments, p.dataset_budget)  # the ledger may have grown since __init__
+        cap = dp.ledger.cap(p.dataset_budget, None) if dp.par.is_main else None
+        dp.budget = replace(dp.budget, dataset=dp.par.from_main(cap))  # the hard stop: other runs, read once
         settings = self.public_settings()
         dp.settings_hash = settings_hash(settings)
         dp.par.barrier()  # every rank has checked before rank 0 writes
@@ -203,14 +205,15 @@ class DPTrainerMixin:
         The journal is not touched: the steps the lost attempt journalled stay accounted, those it
         never completed included, and the hard stop composes them. Before any data is read the
         run's ledger entry becomes the journal's steps plus the steps still planned (conservative,
-        as at the start), and the journal's steps alone when this attempt ends. A resume is not
-        checked against dataset_budget again: the run was when it started, and its own ε stays
-        within target_epsilon (the hard stop).
+        as at the start), and the journal's steps alone when this attempt ends. The redone steps can
+        take the journal past the spend planned (and checked) at the start, so dataset_budget is a
+        hard stop too: the other runs, read here once, composed with the journal plus one step.
 
         Raises:
             ConfigError: No unfinished run, or other data, settings or randomness (`check_resumable`),
                 or a journal with fewer steps than the checkpoint (`check_covers`).
             CheckpointError: A checkpoint that is corrupted or from other settings.
+            BudgetExceededError: The other runs and the journal already pass dataset_budget.
         """
         dp = self._dp
         settings = self.public_settings()
@@ -219,8 +222,15 @@ class DPTrainerMixin:
         if (dp.paths.checkpoints / "latest").is_file():
             dp.resumed, state = ckpt.restore_training(dp.paths.checkpoints, dp.settings_hash, self.model)
             dp.steps_done, dp.batch_sizes = state["step"], list(state["batch_sizes"])
-        spent = PrivacyJournal(dp.paths.journal, dp.mechanism.segment).segments()
+        journal = PrivacyJournal(dp.paths.journal, dp.mechanism.segment)
+        spent = dp.par.from_main(journal.segments() if dp.par.is_main else None)  # rank 0's file, as it writes it
         check_covers(dp.paths.journal, spent, dp.steps_done)  # before anything is rewritten
+        cap = dp.par.from_main(
+            dp.ledger.cap(self.privacy_args.dataset_budget, dp.paths.root) if dp.par.is_main else None
+        )
+        if cap is not None:
+            cap.check_spent(spent, dp.budget.delta, dp.budget.accountant)
+        dp.budget = replace(dp.budget, dataset=cap)
         dp.par.barrier()  # every rank has read the checkpoint before rank 0 trims the logs
         if dp.par.is_main:
             truncate_rows(dp.paths.metrics, dp.steps_done)  # the steps after the checkpoint are redone
@@ -465,10 +475,9 @@ class _StepLoader:
         trainer = self._trainer
         dp = trainer._dp
         for t in range(trainer.state.global_step, dp.planned_steps):
-            if not dp.step.within_budget():
-                dp.stop_reason = (
-                    f"stopped at the privacy budget: one more step would exceed ε = {dp.budget.target_epsilon}"
-                )
+            limit = dp.step.exceeded_limit()  # target_epsilon, and dataset_budget with the other runs
+            if limit is not None:
+                dp.stop_reason = f"stopped at the privacy budget: one more step would exceed {limit}"
                 trainer.control.should_training_stop = True
                 return
             yield {"dp_step": t}

@@ -24,6 +24,7 @@ PLD 2.702. A first ε for a new (q, σ) took ≤ 1.3 s (median 0.14 s) over 210 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -36,7 +37,7 @@ from absl import logging as absl_logging
 from dp_accounting.pld import privacy_loss_distribution, privacy_loss_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dpft.errors import ConfigError
+from dpft.errors import BudgetExceededError, ConfigError
 
 ACCOUNTANTS = ("pld", "rdp")
 RDP_ORDERS = rdp_privacy_accountant.DEFAULT_RDP_ORDERS
@@ -63,6 +64,38 @@ class Segment(NamedTuple):
     sample_rate: float
     noise_multiplier: float
     steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetCap:
+    """--dataset-budget as a run's hard stop applies it: the dataset's other runs, read once at setup.
+
+    Their journals (`segments`) compose exactly with the run's own; `bare_epsilon` is added on top
+    (runs recorded without segments: basic composition; ∞ once a non-private run exposed the data).
+    """
+
+    limit: float
+    segments: tuple[Segment, ...] = ()
+    bare_epsilon: float = 0.0
+
+    def epsilon(self, own: Iterable[Segment], delta: float, accountant: str = "pld") -> float:
+        """ε of the dataset: the other runs composed with `own` (this run's journal, plus any step to come)."""
+        if math.isinf(self.bare_epsilon):
+            return math.inf
+        return epsilon_of(merge_segments([*self.segments, *own]), delta, accountant) + self.bare_epsilon
+
+    def check_spent(self, own: Iterable[Segment], delta: float, accountant: str = "pld") -> None:
+        """Refuse to go on with a run whose journal already takes the dataset past the budget.
+
+        Raises:
+            BudgetExceededError: Nothing more may be published from this run within the budget.
+        """
+        spent = self.epsilon(own, delta, accountant)
+        if spent > self.limit:
+            raise BudgetExceededError(
+                f"this run's journal already brings the total ε on this dataset to {spent:.3g}, over "
+                f"--dataset-budget {self.limit:g}; its model cannot be finished within the budget"
+            )
 
 
 class EpsilonBound(NamedTuple):

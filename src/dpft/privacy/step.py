@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dpft.errors import BudgetExceededError, ConfigError
-from dpft.privacy.accounting import Segment, calibrate_noise, check_delta, epsilon_of, max_steps
+from dpft.privacy.accounting import DatasetCap, Segment, calibrate_noise, check_delta, epsilon_of, max_steps
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
 from dpft.privacy.noise import RowShard, add_gaussian_noise
 from dpft.privacy.randomness import Randomness
@@ -62,11 +62,13 @@ class Mechanism:
 
 @dataclass(frozen=True)
 class Budget:
-    """What ε is measured against: δ, the accountant, and the hard stop (None: report, don't cap)."""
+    """What ε is measured against: δ, the accountant, and the hard stops: the run's target ε (None:
+    report, don't cap) and the dataset's budget over every run on it (None: no --dataset-budget)."""
 
     delta: float
     accountant: str = "pld"
     target_epsilon: float | None = None
+    dataset: DatasetCap | None = None
 
 
 def plan_mechanism(
@@ -217,22 +219,33 @@ class PrivacyStep:
         return epsilon_of(self._journal.segments(), self.budget.delta, self.budget.accountant)
 
     def within_budget(self) -> bool:
-        """Whether one more step keeps ε of the journal's actual segments within the target."""
-        if not self.mechanism.dp or self.budget.target_epsilon is None:
-            return True
+        """Whether one more step keeps ε of the journal's actual segments within the target and the
+        dataset's budget (the other runs composed with this journal)."""
+        return self.exceeded_limit() is None
+
+    def exceeded_limit(self) -> str | None:
+        """The limit one more step would pass, in words ("ε = 3.0", or the dataset budget); None if none."""
+        b = self.budget
+        if not self.mechanism.dp or (b.target_epsilon is None and b.dataset is None):
+            return None
         segments = [*self._journal.segments(), self.mechanism.segment]
-        return epsilon_of(segments, self.budget.delta, self.budget.accountant) <= self.budget.target_epsilon
+        if b.target_epsilon is not None and epsilon_of(segments, b.delta, b.accountant) > b.target_epsilon:
+            return f"ε = {b.target_epsilon}"
+        if b.dataset is not None and b.dataset.epsilon(segments, b.delta, b.accountant) > b.dataset.limit:
+            return f"--dataset-budget {b.dataset.limit:g} (this run with the ledger's other runs on the dataset)"
+        return None
 
     def begin(self, step: int) -> None:
         """Open logical step `step`: check the budget, then journal it before any data is read.
 
         Raises:
-            BudgetExceededError: One more step would exceed the target ε.
+            BudgetExceededError: One more step would exceed the target ε or the dataset's budget.
             StepOrderError: The previous step was not completed by an optimizer step.
         """
         self._expect(_IDLE, "begin")
-        if not self.within_budget():
-            raise BudgetExceededError(f"one more step would exceed ε = {self.budget.target_epsilon}")
+        limit = self.exceeded_limit()
+        if limit is not None:
+            raise BudgetExceededError(f"one more step would exceed {limit}")
         if self.mechanism.dp:
             self._journal.record(self.mechanism.segment)
         self._state, self._step = _OPEN, step

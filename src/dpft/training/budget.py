@@ -2,8 +2,13 @@
 
 Before anything is written, a run is checked against `--dataset-budget`; once its directory
 exists it is recorded with its *planned* spend (so a run that crashes and is never resumed still
-counts, conservatively). At the end its entry is replaced by the steps that actually touched the
-data (the privacy journal).
+counts, conservatively). A resume re-records it, before any step, as its journal (the lost steps
+included) plus the steps still planned. At the end its entry is replaced by the steps that
+actually touched the data (the privacy journal).
+
+The budget is also a hard stop (`cap`): the other runs on the dataset, read once at setup, are
+composed with the journal plus one step before every step, so steps redone after a crash never
+take the dataset past `--dataset-budget`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from dpft.errors import BudgetExceededError
 from dpft.hashing import sha256_file
 from dpft.ledger import BudgetLedger, RunEntry
-from dpft.privacy.accounting import Segment, epsilon_of, merge_segments
+from dpft.privacy.accounting import DatasetCap, Segment, epsilon_of, merge_segments
 from dpft.training.config import TrainConfig
 
 
@@ -43,6 +48,17 @@ class DatasetBudget:
             raise BudgetExceededError("--no-dp with --dataset-budget: a non-private run spends an unbounded budget")
         self.ledger.check_budget(self.fingerprint, planned, c.delta, c.dataset_budget, c.accountant, c.privacy_unit)
 
+    def cap(self, c: TrainConfig, root: Path | None) -> DatasetCap | None:
+        """--dataset-budget for the hard stop: the ledger's other runs on this dataset, as they are now.
+
+        Args:
+            c: The run's configuration.
+            root: A resumed run's directory (its own entry is not counted); None for a new run.
+        """
+        if c.dataset_budget is None or c.no_dp:
+            return None
+        return self.ledger.cap(self.fingerprint, c.dataset_budget, exclude_run=existing_run_id(root))
+
     def record(self, c: TrainConfig, root: Path, segments: Sequence[Segment]) -> None:
         """Record (or replace) this run's entry: numbers, ids and paths only.
 
@@ -66,6 +82,12 @@ class DatasetBudget:
             max_records_per_user=c.max_records_per_user if c.privacy_unit == "user" else None,
         )
         self.ledger.record_run(self.fingerprint, entry)
+
+
+def existing_run_id(root: Path | None) -> str | None:
+    """The run's id if it has one already (never creates it: a refused run writes nothing)."""
+    path = None if root is None else root / "run-id"
+    return path.read_text().strip() if path is not None and path.is_file() else None
 
 
 def run_id(root: Path) -> str:

@@ -96,7 +96,9 @@ class TrainConfig:
         "fresh OS entropy, never stored.",
     )
     dataset_budget: float | None = _opt(
-        None, "Refuse the run if the ledger's total ε on this dataset would exceed this."
+        None,
+        "Refuse the run if the ledger's total ε on this dataset would exceed this, and stop before a step "
+        "would (steps redone after a crash).",
     )
     ledger: str | None = _opt(
         None, "Privacy budget ledger file (default: $DPFT_LEDGER or ~/.cache/dpft/ledger.sqlite)."

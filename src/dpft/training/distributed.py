@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +139,14 @@ class Parallel:
         dist.broadcast_object_list(held, group_src=0)
         units.adopt(held[0])
         return units
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a setup-time reading every rank must act on alike)."""
+        if not self.distributed:
+            return value
+        held = [value if self.is_main else None]
+        dist.broadcast_object_list(held, group_src=0)
+        return held[0]
 
     def local_units(self, units: np.ndarray, unit_examples: Sequence[Sequence[int]], examples: Sequence) -> np.ndarray:
         """This rank's share of the sampled units (all of them in a single process), balanced by tokens."""

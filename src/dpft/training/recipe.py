@@ -9,7 +9,8 @@ Where each privacy invariant is enforced (all in `privacy/`, the recipe only dri
 - noise once per logical step with std σC, then ÷ the expected batch: `PrivacyStep.finish`,
   guarded at run time (a second call, or an optimizer step without it, raises);
 - ε counts every step that touched the data: `PrivacyStep.begin` journals it before the batch is
-  drawn; the hard stop tests the journal's actual segments plus one step;
+  drawn; the hard stop tests the journal's actual segments plus one step, against the target ε and
+  against --dataset-budget with the ledger's other runs (a resume redoes steps: `_reaccount`);
 - secret randomness: `Randomness.secure()` unless --unsafe-seed; no seed is written to a shipped file.
 """
 
@@ -104,8 +105,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     quiet = c.quiet or not run.par.is_main
     with Progress(run.planned_steps, c.epsilon if not c.no_dp else None, quiet=quiet, label=label) as progress:
         for t in range(run.steps_done, run.planned_steps):
-            if not run.step.within_budget():
-                stop_reason = f"stopped at the privacy budget: one more step would exceed ε = {c.epsilon}"
+            limit = run.step.exceeded_limit()  # the target ε, and --dataset-budget with the other runs
+            if limit is not None:
+                stop_reason = f"stopped at the privacy budget: one more step would exceed {limit}"
                 break
             _train_step(run, t)
             progress.update(run.steps_done, run.step.epsilon)
@@ -185,7 +187,7 @@ def setup(config: TrainConfig) -> Run:
     q = sample_rate_for(config.batch_size, len(units))
     planned = config.max_steps or max(1, math.ceil(config.epochs * len(units) / config.batch_size))
     mechanism, allowed = _plan_mechanism(config, q, planned, len(units))
-    budget = DatasetBudget.open(config)
+    budget = DatasetBudget.open(config)  # the ledger (only rank 0 reads it: `cap` below)
     planned_segments = [Segment(q, mechanism.noise_multiplier, min(planned, allowed))] if mechanism.dp else []
     model = _adapted(loaded.model, config).to(par.device)  # LoRA target errors: before anything is written
     if config.gradient_checkpointing:  # non-reentrant; the engine captures each call once (test_gradient_checkpointing)
@@ -197,10 +199,13 @@ def setup(config: TrainConfig) -> Run:
         check_trainable(model, len(loaded.tokenizer))
     if paths is None:
         budget.check(config, planned_segments)  # before anything is written
+    own = None if paths is None else paths.root  # a resumed run's own entry is not another run
+    cap = par.from_main(budget.cap(config, own) if par.is_main else None)  # read before this run records itself
+    if paths is None:
         par.barrier()  # every rank checked the ledger before rank 0 records this run in it
         paths = _create_run(config, seed, budget, planned_segments) if par.is_main else RunPaths(Path(config.output))
     journal = par.journal(PrivacyJournal(paths.journal, mechanism.segment))  # rank 0 writes, all wait for it
-    budget_spec = Budget(config.delta, config.accountant, None if config.no_dp else config.epsilon)
+    budget_spec = Budget(config.delta, config.accountant, None if config.no_dp else config.epsilon, cap)
     model = par.prepare(model)  # every rank from rank 0's weights; --fsdp: then sharded
     step = PrivacyStep(model, mechanism, budget_spec, randomness, journal, reducer=par.reducer(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -328,22 +333,38 @@ def _restore(run: Run) -> None:
     and the randomness is fresh (secure mode): the accountant needs the law, not the stream.
     """
     paths = run.paths
-    if not (paths.checkpoints / "latest").is_file():
-        if run.par.is_main:
-            truncate_rows(paths.metrics, 0)
-            truncate_rows(paths.train_log, 0)
-        return
-    weights, opt_state, state = ckpt.load_checkpoint(paths.checkpoints, settings_hash(run.config))
-    params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise DpftError(f"{paths.checkpoints}: checkpoint weights do not match the model; refusing to resume")
-    run.par.load_state(run.model, run.optimizer, weights, opt_state)
-    run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
-    if run.step.mechanism.dp:  # before anything is rewritten: a journal shorter than the checkpoint undercounts ε
-        check_covers(paths.journal, run.journal.segments(), run.steps_done)
+    if (paths.checkpoints / "latest").is_file():
+        weights, opt_state, state = ckpt.load_checkpoint(paths.checkpoints, settings_hash(run.config))
+        params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+        if set(weights) != set(params):
+            raise DpftError(f"{paths.checkpoints}: checkpoint weights do not match the model; refusing to resume")
+        run.par.load_state(run.model, run.optimizer, weights, opt_state)
+        run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
+    _reaccount(run)  # before anything is rewritten
     if run.par.is_main:
-        truncate_rows(paths.metrics, run.steps_done)
+        truncate_rows(paths.metrics, run.steps_done)  # the steps after the checkpoint are redone
         truncate_rows(paths.train_log, run.steps_done)
+
+
+def _reaccount(run: Run) -> None:
+    """A resume, before any step reads data: refuse a journal that misses checkpointed steps or is
+    already over --dataset-budget; then make the ledger entry the journal (the lost steps included)
+    plus the steps still planned.
+
+    Raises:
+        ConfigError: The journal holds fewer steps than the checkpoint (ε would be undercounted).
+        BudgetExceededError: The other runs and this journal already pass --dataset-budget.
+    """
+    m, c = run.step.mechanism, run.config
+    if not m.dp:
+        return
+    journal = run.journal.segments()
+    check_covers(run.paths.journal, journal, run.steps_done)
+    if run.step.budget.dataset is not None:
+        run.step.budget.dataset.check_spent(journal, c.delta, c.accountant)
+    if run.par.is_main:  # conservative until the end, as at the start; the hard stop keeps the rest in budget
+        left = m.segment._replace(steps=max(0, run.planned_steps - run.steps_done))
+        run.budget.record(c, run.paths.root, [*journal, left])
 
 
 def _finish(run: Run, stop_reason: str, model_state: dict | None) -> dict[str, Any]:
