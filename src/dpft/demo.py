@@ -27,10 +27,11 @@ from dpft.training.progress import format_duration
 
 MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one such micro-batch
 # The estimate's proxy is one forward and input backward through every block of the base model.
-# Measured by the fp32 demo alone on a real 2-core AVX2 EPYC (proxy 9.81 s per 32 records):
-# training 723 s for 4404 examples = 0.54 proxy per micro-batch; audits of both models 240 s for
-# 200 records = 0.12 proxy per record. (On an AVX-512 EPYC capped to AVX2: 0.63 and 0.14.)
-TRAIN_FACTOR, AUDIT_PROXIES = 0.54, 0.12
+# Measured by the fp32 demo alone on a real 2-core AVX2 EPYC, two runs: training 723 s and 740 s
+# for 4404 examples = 0.54 and 0.60 proxy per micro-batch (proxy 9.81 s and 9.00 s per 32
+# records); audits of both models 240 s and 247 s for 200 records = 0.12 and 0.14 proxy per
+# record. The factors are their means. (On an AVX-512 EPYC capped to AVX2: 0.63 and 0.14.)
+TRAIN_FACTOR, AUDIT_PROXIES = 0.57, 0.13
 # One-run canaries (rare-prefix: about 12 tokens each). 1000 give the plain model a one-run bound
 # above 3 (3.47 in bf16, docs/dp-utility.md) but took the demo from 9 to 12 min 10 s on an AVX-512 EPYC
 # capped to AVX2 (fp32, DP batch 140 to keep its 29 steps); with 100 it takes 16.5 min on a real 2-core
