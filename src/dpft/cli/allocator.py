@@ -7,7 +7,7 @@ the next step writes to fresh pages: one page fault per 4 KiB, each zero-filled 
 Measured on a 2-core AVX2 EPYC (KVM guest), the demo's 32-record step took 60k-250k faults
 (0.25-1 GB) and its elementwise ops ran 5-8x slower in the DP step, which holds its captures
 until the backward ends. With mmap off and the trim threshold at its maximum the heap is reused:
-no faults after the first steps, and the same peak RSS (docs/performance.md).
+no faults after the first steps, and both steps ran 9-18% faster (docs/performance.md).
 
 Only the command line calls this: the process is then ours. Importing dpft as a library leaves
 the user's allocator as it is, and so does a user who set glibc's malloc tunables.
