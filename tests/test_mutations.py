@@ -247,7 +247,7 @@ MUTATIONS = [
     Mutation(
         "each rank keeps its own draw of a user's capped records",
         "training/distributed.py",
-        "        units.adopt(held[0])\n",
+        "        units.adopt(self.from_main(units.unit_examples))\n",
         "",
         ("tests/test_distributed.py::test_every_rank_keeps_rank_0s_choice_of_each_users_records",),
     ),

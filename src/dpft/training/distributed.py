@@ -135,9 +135,7 @@ class Parallel:
         """
         if not self.distributed:
             return units
-        held = [units.unit_examples if self.is_main else None]
-        dist.broadcast_object_list(held, group_src=0)
-        units.adopt(held[0])
+        units.adopt(self.from_main(units.unit_examples))
         return units
 
     def from_main(self, value: Any) -> Any:
