@@ -40,7 +40,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_step import tiny_llama
 from dpft.data import collate, encode_records, read_records
-from dpft.demo import DemoOptions
+from dpft.demo import EARLIER_DEMO, DemoOptions
 from dpft.models.prefix_cache import PrefixCache, frozen_boundary
 from dpft.privacy.engine import PerUnitClipper, PlainAccumulator
 from dpft.privacy.noise import add_gaussian_noise
@@ -97,7 +97,7 @@ def med(xs: list[float]) -> float:
 
 def demo_data(args: argparse.Namespace, tokenizer, root: Path) -> dict:
     """The demo's training records encoded both ways (record units, and patients capped at 1 record)."""
-    o = DemoOptions()
+    o = DemoOptions(**EARLIER_DEMO)
     patients = 40 if args.quick else o.patients
     synth_medical(
         root,

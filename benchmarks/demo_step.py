@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dpft.cli.allocator import keep_freed_memory
-from dpft.demo import MICRO_BATCH, DemoOptions, demo_config
+from dpft.demo import EARLIER_DEMO, MICRO_BATCH, DemoOptions, demo_config
 from dpft.models.precision import describe_hardware
 from dpft.scenarios.medical.synth import synth_medical
 from dpft.training.recipe import Run, _train_step, setup
@@ -73,7 +73,7 @@ class FixedBatches:
 
 
 def build(variant: str, args: argparse.Namespace, data: Path, root: Path, model: str) -> Run:
-    o = DemoOptions(lora_layers=args.lora_layers, quiet=True)
+    o = DemoOptions(**EARLIER_DEMO, lora_layers=args.lora_layers, quiet=True)
     cfg = demo_config(o, data, root / variant, dp=variant.startswith("dp"), dtype=args.dtype)
     cfg = replace(cfg, model=model, privacy_unit="record", unsafe_seed=0)
     if args.quick:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        o = DemoOptions()
+        o = DemoOptions(**EARLIER_DEMO)
         synth_medical(
             root / "data",
             patients=40 if args.quick else o.patients,

@@ -185,12 +185,12 @@ def _tiny(out: Path, args: argparse.Namespace) -> dict:
 
 
 def _embedded(args: argparse.Namespace) -> dict:
-    from dpft.demo import DemoOptions, demo_config
+    from dpft.demo import EARLIER_DEMO, DemoOptions, demo_config
     from dpft.models import load_base_model
     from dpft.models.precision import dtype_name, resolve_dtype
     from dpft.training.recipe import train as train_run
 
-    options = DemoOptions(patients=args.patients or 400, seed=args.seed, quiet=True)
+    options = DemoOptions(**{**EARLIER_DEMO, "patients": args.patients or 400}, seed=args.seed, quiet=True)
     dtype = dtype_name(resolve_dtype(options.dtype))
 
     def train(data: Path, run: Path, dp: bool) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpft.demo import DemoOptions, run_demo
+from dpft.demo import DemoOptions, dp_batch, run_demo
 from dpft.errors import DpftError
 
 SECTIONS = ("summary", "training", "utility", "extraction", "exposure", "mia", "epsilon", "generations")
@@ -50,3 +50,15 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert run_demo(opts)["dp"]["privacy"] == dp
     with pytest.raises(DpftError, match="other settings"):
         run_demo(DemoOptions(**{**opts.__dict__, "epochs": 2}))
+
+
+def test_the_dp_batch_follows_the_number_of_people():
+    """Unset, the DP batch keeps the expected steps as one-run canaries (one person each) are added."""
+
+    def people(n: int) -> list[dict]:
+        return [{"user_id": f"P{i // 2}"} for i in range(2 * n)]  # two records each: people are counted
+
+    assert dp_batch(DemoOptions(), people(372)) == 64  # the demo before its 1000 canaries
+    assert dp_batch(DemoOptions(), people(743)) == 128  # 300 patients' 240 members, canary owners
+    assert dp_batch(DemoOptions(dp_epochs=2.5), people(743)) == 64
+    assert dp_batch(DemoOptions(dp_batch_size=7), people(743)) == 7

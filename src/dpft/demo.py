@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,17 @@ MICRO_BATCH, MAX_LENGTH = 32, 96  # both runs; the time estimate measures one su
 # records); audits of both models 240 s and 247 s for 200 records = 0.12 and 0.14 proxy per
 # record. The factors are their means. (On an AVX-512 EPYC capped to AVX2: 0.63 and 0.14.)
 TRAIN_FACTOR, AUDIT_PROXIES = 0.57, 0.13
-# One-run canaries (rare-prefix: about 12 tokens each). 1000 give the plain model a one-run bound
-# above 3 (3.47 in bf16, docs/dp-utility.md) but took the demo from 9 to 12 min 10 s on an AVX-512 EPYC
-# capped to AVX2 (fp32, DP batch 140 to keep its 29 steps); with 100 it takes 16.5 min on a real 2-core
-# AVX2 EPYC. `dpft audit` data and synth-medical: 1000.
-DEMO_ONE_RUN_CANARIES = 100
+# 1000 one-run canaries (rare-prefix, about 10 tokens each): with 100 (m = 75 audited) the plain
+# model's one-run bound cannot pass about 2.3 however well it memorises; with 1000 it reached 3.47 on a
+# real 2-core AVX2 EPYC (docs/dp-utility.md), at about 8 more minutes of demo there. `--one-run-canaries`
+# trades power for time.
+DEMO_ONE_RUN_CANARIES = 1000
+# The DP run's expected batch is the share of people that gives this many expected steps over
+# `dp_epochs`: 64 of 372 people, 128 of 743 (each one-run canary is a person of its own).
+DP_STEPS = 29
+# The demo's data and DP batch before it had 1000 one-run canaries: the figures that
+# benchmarks/demo_step.py, demo_profile.py and one_run_power.py document were measured on them.
+EARLIER_DEMO = dict(patients=400, records_per_patient=(1, 2, 4), one_run_canaries=100, dp_batch_size=64)
 # The "alternatives" one-run score costs this many more short sequences per canary and model.
 DEMO_ONE_RUN_ALTERNATIVES = 0
 PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
@@ -46,8 +52,8 @@ PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
 class DemoOptions:
     output: str = "demo-out"
     model: str = EMBEDDED_NAME
-    patients: int = 400
-    records_per_patient: tuple[int, ...] = (1, 2, 4)  # François Dupont always has 8
+    patients: int = 300
+    records_per_patient: tuple[int, ...] = (1, 2, 4, 8)  # patients with 8 records are the ones memorised
     lora_layers: int | None = 15  # top half of SmolLM2's 30 blocks: the 15 below run once per record
     loss_on: str = "all"  # "completion": the record text is context only, never a target
     epsilon: float = 8.0
@@ -62,7 +68,7 @@ class DemoOptions:
     # DP: patient-level units, each contributing at most dp_records_per_patient records; large
     # batches and a high, decaying rate, as DP-SGD wants (the noise is spread over the batch).
     dp_epochs: float = 5.0
-    dp_batch_size: int = 64
+    dp_batch_size: int | None = None  # None: the people over DP_STEPS steps (dp_batch)
     dp_lr: float = 1e-2
     dp_records_per_patient: int = 1
     audit_records: int = 80
@@ -145,6 +151,7 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     )
     conditions = [c["name"] for c in manifest["conditions"]]
     members, holdout, canaries = (read_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
+    o = replace(o, dp_batch_size=dp_batch(o, members))
     reference = load_base_model(o.model)
     print(f"estimate: {_estimate(o, reference, data, members, dtype)}", flush=True)
     privacy = {}
@@ -176,6 +183,14 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
         print(f"DP / non-private full-answer exact match: {dp_match / np_match:.2f}")
     print(f"demo finished in {format_duration(time.perf_counter() - t0)} → {out / 'report.html'}")
     return models
+
+
+def dp_batch(o: DemoOptions, members: list[dict]) -> int:
+    """The DP run's expected batch: the user's, or the people (a public count) over DP_STEPS steps."""
+    if o.dp_batch_size is not None:
+        return o.dp_batch_size
+    people = len({r["user_id"] for r in members})
+    return max(1, round(people * o.dp_epochs / DP_STEPS))
 
 
 def _phase(index: int, t0: float) -> None:

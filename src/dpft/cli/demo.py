@@ -25,6 +25,11 @@ def demo(
         help="Seed of the synthetic data, the adapters and the audit samples (DP sampling and noise use OS entropy).",
     ),
     dtype: str = typer.Option(_D.dtype, "--dtype", help=DTYPE_HELP),
+    one_run_canaries: int = typer.Option(
+        _D.one_run_canaries,
+        "--one-run-canaries",
+        help="Canaries of the one-run audit; fewer save training time but cap its ε bound (100: about 2.3).",
+    ),
 ) -> None:
     """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
     from dpft.demo import run_demo
@@ -40,6 +45,7 @@ def demo(
             epsilon=epsilon,
             seed=seed,
             dtype=dtype,
+            one_run_canaries=one_run_canaries,
         )
     )
 
