@@ -161,6 +161,24 @@ def test_non_private_run_exposes_the_dataset(tmp_path):
         ledger.check_budget("fp", [(0.01, 1.0, 1)], DELTA, dataset_budget=100.0)
 
 
+def test_spend_and_the_hard_stop_compose_alike(tmp_path):
+    """`spend` and `cap` (the hard stop's snapshot) share one rule: they cannot drift apart."""
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+    planned = [Segment(0.02, 1.0, 30)]
+    ledger.record_run("fp", dp_entry("a", [(0.01, 1.0, 200)]))
+    extras = (None, dp_entry("b", [], epsilon=0.5, delta=1e-6), plain_entry("c"))
+    for extra, method in zip(extras, ("composed", "basic", "exposed"), strict=True):
+        if extra is not None:
+            ledger.record_run("fp", extra)
+        spend = ledger.spend("fp", DELTA, planned)
+        assert spend.method == method and ledger.cap("fp", 1.0).epsilon(planned, DELTA) == spend.epsilon
+    # A run recorded without segments at ε = ∞: the cap stops at once, spend still composes (and checks δ).
+    ledger.record_run("fp2", dp_entry("d", [], epsilon=math.inf))
+    assert ledger.cap("fp2", 1.0).epsilon(planned, 2.0) == math.inf == ledger.spend("fp2", DELTA, planned).epsilon
+    with pytest.raises(ConfigError, match="--delta"):
+        ledger.spend("fp2", 2.0, planned)
+
+
 def test_check_budget(tmp_path):
     ledger = BudgetLedger(tmp_path / "l.sqlite")
     ledger.record_run("fp", dp_entry("a", [(0.01, 1.0, 1000)]))

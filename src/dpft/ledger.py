@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dpft.errors import BudgetExceededError, ConfigError
-from dpft.privacy.accounting import DatasetCap, Segment, epsilon_of, merge_segments
+from dpft.privacy.accounting import DatasetCap, Segment, merge_segments
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -81,6 +81,29 @@ class Spend:
     epsilon: float
     delta: float
     method: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """A dataset's DP entries as they compose: the one rule behind `spend` and the hard stop's `cap`.
+
+    The runs' journals (`segments`, merged) compose exactly, with each other and with a run's own;
+    the runs recorded without segments (`bare`) add their ε and δ (basic composition).
+    """
+
+    segments: tuple[Segment, ...]
+    bare: tuple[RunEntry, ...]
+
+    @classmethod
+    def of(cls, entries: Sequence[RunEntry]) -> _Runs | None:
+        """The entries split by the rule; None once a non-private run exposed the dataset (ε = ∞)."""
+        if any(not e.dp for e in entries):
+            return None
+        return cls(merge_segments(s for e in entries for s in e.segments), tuple(e for e in entries if not e.segments))
+
+    def cap(self, limit: float) -> DatasetCap:
+        """The runs as the hard stop composes them (it compares ε alone, so the bare runs' δ is not kept)."""
+        return DatasetCap(limit, self.segments, sum(e.epsilon for e in self.bare))
 
 
 def default_path() -> Path:
@@ -192,15 +215,13 @@ class BudgetLedger:
         Raises:
             ConfigError: On an invalid δ or accountant.
         """
-        entries = self.history(fingerprint)
-        if any(not e.dp for e in entries):
+        runs = _Runs.of(self.history(fingerprint))
+        if runs is None:
             return Spend(math.inf, delta, "exposed")
-        segments = merge_segments([s for e in entries for s in e.segments] + list(planned))
-        epsilon = epsilon_of(segments, delta, accountant)
-        bare = [e for e in entries if not e.segments]
-        if bare:
-            return Spend(epsilon + sum(e.epsilon for e in bare), delta + sum(e.delta for e in bare), "basic")
-        return Spend(epsilon, delta, "composed" if segments else "none")
+        epsilon = runs.cap(math.inf).composed(planned, delta, accountant)
+        if runs.bare:
+            return Spend(epsilon, delta + sum(e.delta for e in runs.bare), "basic")
+        return Spend(epsilon, delta, "composed" if runs.segments or merge_segments(planned) else "none")
 
     def check_budget(
         self,
@@ -254,11 +275,8 @@ class BudgetLedger:
             limit: --dataset-budget.
             exclude_run: The run's own id (a resumed run's entry is not "another run").
         """
-        entries = [e for e in self.history(fingerprint) if e.run_id != exclude_run]
-        if any(not e.dp for e in entries):
-            return DatasetCap(limit, (), math.inf)
-        bare = sum(e.epsilon for e in entries if not e.segments)
-        return DatasetCap(limit, merge_segments(s for e in entries for s in e.segments), bare)
+        runs = _Runs.of([e for e in self.history(fingerprint) if e.run_id != exclude_run])
+        return DatasetCap(limit, (), math.inf) if runs is None else runs.cap(limit)
 
     def check_unit(self, fingerprint: str, privacy_unit: str) -> None:
         """Refuse a run whose privacy unit differs from another run's on the dataset (unknown units pass).

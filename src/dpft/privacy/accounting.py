@@ -80,8 +80,14 @@ class DatasetCap:
 
     def epsilon(self, own: Iterable[Segment], delta: float, accountant: str = "pld") -> float:
         """ε of the dataset: the other runs composed with `own` (this run's journal, plus any step to come)."""
-        if math.isinf(self.bare_epsilon):
+        if math.isinf(self.bare_epsilon):  # exposed (or a bare ε = ∞): nothing to compose
             return math.inf
+        return self.composed(own, delta, accountant)
+
+    def composed(self, own: Iterable[Segment], delta: float, accountant: str = "pld") -> float:
+        """`segments` and `own` composed exactly, plus `bare_epsilon` (basic composition): the ledger's
+        rule, which `BudgetLedger.spend` shares. It composes even past a bare ε = ∞, where `epsilon`
+        stops, so `spend` still refuses an invalid δ, accountant or planned segment there."""
         return epsilon_of(merge_segments([*self.segments, *own]), delta, accountant) + self.bare_epsilon
 
     def check_spent(self, own: Iterable[Segment], delta: float, accountant: str = "pld") -> None:
