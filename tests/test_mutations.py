@@ -100,8 +100,8 @@ MUTATIONS = [
     ),
     Mutation(
         "resume keeps the planned spend in the ledger (fewer steps than the journal)",
-        "training/recipe.py",
-        "        run.budget.record(c, run.paths.root, [*journal, left])\n",
+        "training/budget.py",
+        "        record([*spent, left])\n",
         "        pass\n",
         ("tests/test_resume_ledger.py::test_steps_redone_after_crashes_stop_at_the_dataset_budget",),
     ),

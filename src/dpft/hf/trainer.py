@@ -36,6 +36,7 @@ import inspect
 import math
 import os
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -63,8 +64,9 @@ from dpft.privacy.sampling import PoissonSampler, PrivacyUnits, sample_rate_for
 from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
+from dpft.training.budget import reaccount
 from dpft.training.distributed import Parallel
-from dpft.training.journal import PrivacyJournal, check_covers
+from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
 from dpft.training.report import data_report, privacy_report
 from dpft.training.run_dir import (
@@ -211,7 +213,7 @@ class DPTrainerMixin:
 
         Raises:
             ConfigError: No unfinished run, or other data, settings or randomness (`check_resumable`),
-                or a journal with fewer steps than the checkpoint (`check_covers`).
+                or a journal with fewer steps than the checkpoint (`check_covers`, through `reaccount`).
             CheckpointError: A checkpoint that is corrupted or from other settings.
             BudgetExceededError: The other runs and the journal already pass dataset_budget.
         """
@@ -224,19 +226,16 @@ class DPTrainerMixin:
             dp.steps_done, dp.batch_sizes = state["step"], list(state["batch_sizes"])
         journal = PrivacyJournal(dp.paths.journal, dp.mechanism.segment)
         spent = dp.par.from_main(journal.segments() if dp.par.is_main else None)  # rank 0's file, as it writes it
-        check_covers(dp.paths.journal, spent, dp.steps_done)  # before anything is rewritten
         cap = dp.par.from_main(
             dp.ledger.cap(self.privacy_args.dataset_budget, dp.paths.root) if dp.par.is_main else None
         )
-        if cap is not None:
-            cap.check_spent(spent, dp.budget.delta, dp.budget.accountant)
         dp.budget = replace(dp.budget, dataset=cap)
+        record = partial(dp.ledger.record, dp.paths.root) if dp.par.is_main else None
+        reaccount(dp.paths.journal, spent, dp.steps_done, dp.budget, dp.mechanism.segment, dp.planned_steps, record)
         dp.par.barrier()  # every rank has read the checkpoint before rank 0 trims the logs
         if dp.par.is_main:
             truncate_rows(dp.paths.metrics, dp.steps_done)  # the steps after the checkpoint are redone
             truncate_rows(dp.paths.train_log, dp.steps_done)
-            left = dp.mechanism.segment._replace(steps=max(0, dp.planned_steps - dp.steps_done))
-            dp.ledger.record(dp.paths.root, [*spent, left])  # as at the start: conservative until the end
         dp.started = True
 
     def public_settings(self) -> dict[str, Any]:

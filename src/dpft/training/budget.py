@@ -3,8 +3,8 @@
 Before anything is written, a run is checked against `--dataset-budget`; once its directory
 exists it is recorded with its *planned* spend (so a run that crashes and is never resumed still
 counts, conservatively). A resume re-records it, before any step, as its journal (the lost steps
-included) plus the steps still planned. At the end its entry is replaced by the steps that
-actually touched the data (the privacy journal).
+included) plus the steps still planned (`reaccount`, for `dpft train` and the Trainer alike). At
+the end its entry is replaced by the steps that actually touched the data (the privacy journal).
 
 The budget is also a hard stop (`cap`): the other runs on the dataset, read once at setup, are
 composed with the journal plus one step before every step, so steps redone after a crash never
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from dpft.errors import BudgetExceededError
 from dpft.hashing import sha256_file
 from dpft.ledger import BudgetLedger, RunEntry
 from dpft.privacy.accounting import DatasetCap, Segment, epsilon_of, merge_segments
+from dpft.privacy.step import Budget
 from dpft.training.config import TrainConfig
+from dpft.training.journal import check_covers
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,40 @@ class DatasetBudget:
             max_records_per_user=c.max_records_per_user if c.privacy_unit == "user" else None,
         )
         self.ledger.record_run(self.fingerprint, entry)
+
+
+def reaccount(
+    journal: Path,
+    spent: list[Segment],
+    steps_done: int,
+    budget: Budget,
+    step: Segment,
+    planned_steps: int,
+    record: Callable[[list[Segment]], None] | None,
+) -> None:
+    """A resume, before any step reads data (`dpft train --resume` and the Trainer's): refuse a journal
+    that misses checkpointed steps or is already over the dataset budget; then make the ledger entry
+    the journal (the lost steps included) plus the steps still planned.
+
+    Args:
+        journal: The privacy journal file (named in the refusal).
+        spent: Its segments, as rank 0 reads them.
+        steps_done: The checkpoint's step (0 without one).
+        budget: δ, the accountant and the hard stop's dataset cap (the other runs, read once).
+        step: One step of the run's mechanism.
+        planned_steps: The steps planned when the run was created.
+        record: Replaces the run's ledger entry; None where this process does not write (not rank 0).
+
+    Raises:
+        ConfigError: The journal holds fewer steps than the checkpoint (ε would be undercounted).
+        BudgetExceededError: The other runs and this journal already pass the dataset budget.
+    """
+    check_covers(journal, spent, steps_done)
+    if budget.dataset is not None:
+        budget.dataset.check_spent(spent, budget.delta, budget.accountant)
+    if record is not None:  # conservative until the end, as at the start; the hard stop keeps the rest in budget
+        left = step._replace(steps=max(0, planned_steps - steps_done))
+        record([*spent, left])
 
 
 def existing_run_id(root: Path | None) -> str | None:

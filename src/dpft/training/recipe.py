@@ -10,7 +10,7 @@ Where each privacy invariant is enforced (all in `privacy/`, the recipe only dri
   guarded at run time (a second call, or an optimizer step without it, raises);
 - ε counts every step that touched the data: `PrivacyStep.begin` journals it before the batch is
   drawn; the hard stop tests the journal's actual segments plus one step, against the target ε and
-  against --dataset-budget with the ledger's other runs (a resume redoes steps: `_reaccount`);
+  against --dataset-budget with the ledger's other runs (a resume redoes steps: `budget.reaccount`);
 - secret randomness: `Randomness.secure()` unless --unsafe-seed; no seed is written to a shipped file.
 """
 
@@ -21,6 +21,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,10 @@ from dpft.privacy.step import Budget, Mechanism, PrivacyStep, plan_mechanism
 from dpft.run_layout import RunPaths
 from dpft.training import checkpoint as ckpt
 from dpft.training.auto_batch import auto_batch_size
-from dpft.training.budget import DatasetBudget
+from dpft.training.budget import DatasetBudget, reaccount
 from dpft.training.config import RUN_ONLY, TrainConfig
 from dpft.training.distributed import Parallel
-from dpft.training.journal import PrivacyJournal, check_covers
+from dpft.training.journal import PrivacyJournal
 from dpft.training.loss import example_losses
 from dpft.training.optimizer import build_optimizer
 from dpft.training.progress import Progress
@@ -340,31 +341,13 @@ def _restore(run: Run) -> None:
             raise DpftError(f"{paths.checkpoints}: checkpoint weights do not match the model; refusing to resume")
         run.par.load_state(run.model, run.optimizer, weights, opt_state)
         run.steps_done, run.batch_sizes = state["step"], list(state["batch_sizes"])
-    _reaccount(run)  # before anything is rewritten
+    if run.step.mechanism.dp:  # before anything is rewritten
+        record = partial(run.budget.record, run.config, paths.root) if run.par.is_main else None
+        segment, journal = run.step.mechanism.segment, run.journal.segments()
+        reaccount(paths.journal, journal, run.steps_done, run.step.budget, segment, run.planned_steps, record)
     if run.par.is_main:
         truncate_rows(paths.metrics, run.steps_done)  # the steps after the checkpoint are redone
         truncate_rows(paths.train_log, run.steps_done)
-
-
-def _reaccount(run: Run) -> None:
-    """A resume, before any step reads data: refuse a journal that misses checkpointed steps or is
-    already over --dataset-budget; then make the ledger entry the journal (the lost steps included)
-    plus the steps still planned.
-
-    Raises:
-        ConfigError: The journal holds fewer steps than the checkpoint (ε would be undercounted).
-        BudgetExceededError: The other runs and this journal already pass --dataset-budget.
-    """
-    m, c = run.step.mechanism, run.config
-    if not m.dp:
-        return
-    journal = run.journal.segments()
-    check_covers(run.paths.journal, journal, run.steps_done)
-    if run.step.budget.dataset is not None:
-        run.step.budget.dataset.check_spent(journal, c.delta, c.accountant)
-    if run.par.is_main:  # conservative until the end, as at the start; the hard stop keeps the rest in budget
-        left = m.segment._replace(steps=max(0, run.planned_steps - run.steps_done))
-        run.budget.record(c, run.paths.root, [*journal, left])
 
 
 def _finish(run: Run, stop_reason: str, model_state: dict | None) -> dict[str, Any]:
