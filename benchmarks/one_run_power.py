@@ -190,7 +190,9 @@ def _embedded(args: argparse.Namespace) -> dict:
     from dpft.models.precision import dtype_name, resolve_dtype
     from dpft.training.recipe import train as train_run
 
-    options = DemoOptions(**{**EARLIER_DEMO, "patients": args.patients or 400}, seed=args.seed, quiet=True)
+    options = DemoOptions(
+        **{**EARLIER_DEMO, "patients": args.patients or EARLIER_DEMO["patients"]}, seed=args.seed, quiet=True
+    )
     dtype = dtype_name(resolve_dtype(options.dtype))
 
     def train(data: Path, run: Path, dp: bool) -> None:

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from dpft.atomic_write import write_text_atomic
-from dpft.demo import MICRO_BATCH, DemoOptions, demo_config
+from dpft.demo import EARLIER_DEMO, MICRO_BATCH, DemoOptions, demo_config
 from dpft.errors import DpftError
 from dpft.models.device import resolve_device
 from dpft.models.embedded import EMBEDDED_NAME
@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plain-epochs", type=float, default=d.epochs)
     p.add_argument("--dp-epochs", type=float, default=d.dp_epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="plain: expected batch, records")
-    p.add_argument("--dp-batch-size", type=int, default=64, help="DP: expected batch, patients")
+    p.add_argument(
+        "--dp-batch-size", type=int, default=EARLIER_DEMO["dp_batch_size"], help="DP: expected batch, patients"
+    )
     # The demo's 1e-2 diverged here (plain loss 4.1 -> 10.2 at 1129 steps, 0.0% exact); 2e-3 did not.
     p.add_argument("--lr", type=float, default=PLAIN_LR, help="plain run's peak learning rate (linear decay to 0)")
     p.add_argument("--dp-lr", type=float, default=d.dp_lr, help="DP runs' peak rate (linear decay to 0)")

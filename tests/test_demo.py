@@ -54,11 +54,7 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
 
 def test_the_dp_batch_follows_the_number_of_people():
     """Unset, the DP batch keeps the expected steps as one-run canaries (one person each) are added."""
-
-    def people(n: int) -> list[dict]:
-        return [{"user_id": f"P{i // 2}"} for i in range(2 * n)]  # two records each: people are counted
-
-    assert dp_batch(DemoOptions(), people(372)) == 64  # the demo before its 1000 canaries
-    assert dp_batch(DemoOptions(), people(743)) == 128  # 300 patients' 240 members, canary owners
-    assert dp_batch(DemoOptions(dp_epochs=2.5), people(743)) == 64
-    assert dp_batch(DemoOptions(dp_batch_size=7), people(743)) == 7
+    assert dp_batch(DemoOptions(), 372) == 64  # the demo before its 1000 canaries
+    assert dp_batch(DemoOptions(), 743) == 128  # 300 patients' 240 members, canary owners
+    assert dp_batch(DemoOptions(dp_epochs=2.5), 743) == 64
+    assert dp_batch(DemoOptions(dp_batch_size=7), 743) == 7

@@ -41,7 +41,8 @@ DEMO_ONE_RUN_CANARIES = 1000
 # `dp_epochs`: 64 of 372 people, 128 of 743 (each one-run canary is a person of its own).
 DP_STEPS = 29
 # The demo's data and DP batch before it had 1000 one-run canaries: the figures that
-# benchmarks/demo_step.py, demo_profile.py and one_run_power.py document were measured on them.
+# benchmarks/demo_step.py, demo_profile.py, one_run_power.py and utility.py (its DP batch) document
+# were measured on them.
 EARLIER_DEMO = dict(patients=400, records_per_patient=(1, 2, 4), one_run_canaries=100, dp_batch_size=64)
 # The "alternatives" one-run score costs this many more short sequences per canary and model.
 DEMO_ONE_RUN_ALTERNATIVES = 0
@@ -153,9 +154,10 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     )
     conditions = [c["name"] for c in manifest["conditions"]]
     members, holdout, canaries = (read_jsonl(data / f) for f in ("train.jsonl", "holdout.jsonl", "canaries.jsonl"))
-    o = replace(o, dp_batch_size=dp_batch(o, members))
+    people = len({r["user_id"] for r in members})  # the DP run's units: patients and canary owners
+    o = replace(o, dp_batch_size=dp_batch(o, people))
     reference = load_base_model(o.model)
-    print(f"estimate: {_estimate(o, reference, data, members, dtype)}", flush=True)
+    print(f"estimate: {_estimate(o, reference, data, len(members), people, dtype)}", flush=True)
     privacy = {}
     for phase, (name, dp) in enumerate((("non-private", False), ("dp", True)), 1):
         _phase(phase, t0)
@@ -187,11 +189,10 @@ def run_demo(o: DemoOptions) -> dict[str, Any]:
     return models
 
 
-def dp_batch(o: DemoOptions, members: list[dict]) -> int:
+def dp_batch(o: DemoOptions, people: int) -> int:
     """The DP run's expected batch: the user's, or the people (a public count) over DP_STEPS steps."""
     if o.dp_batch_size is not None:
         return o.dp_batch_size
-    people = len({r["user_id"] for r in members})
     return max(1, round(people * o.dp_epochs / DP_STEPS))
 
 
@@ -201,11 +202,10 @@ def _phase(index: int, t0: float) -> None:
     print(f"[{index + 1}/{len(PHASES)}] {PHASES[index]} (elapsed {elapsed})", flush=True)
 
 
-def _estimate(o: DemoOptions, reference, data: Path, members: list[dict], dtype: torch.dtype) -> str:
+def _estimate(o: DemoOptions, reference, data: Path, records: int, people: int, dtype: torch.dtype) -> str:
     """The demo's time, from one measured micro-batch: a CPU without native bf16 must not surprise."""
     proxy = _time_micro_batch(reference, data, o.loss_on, dtype)
-    patients = len({r["user_id"] for r in members})
-    examples = o.epochs * len(members) + o.dp_epochs * patients * o.dp_records_per_patient
+    examples = o.epochs * records + o.dp_epochs * people * o.dp_records_per_patient
     train_s = TRAIN_FACTOR * proxy * examples / MICRO_BATCH
     audit_s = AUDIT_PROXIES * proxy * (o.audit_records + o.utility_records)
     return (
