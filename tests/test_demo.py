@@ -33,6 +33,7 @@ def test_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     dp = models["dp"]["privacy"]
     assert dp["dp"] is True and dp["privacy_unit"] == "user" and 0 < dp["epsilon"] <= 8.0
     assert dp["randomness"] == "os-entropy"  # the demo's DP model: secret sampling and noise
+    assert dp["max_records_per_user"] == opts.dp_records_per_patient  # the records each patient gives
     page = (tmp_path / "demo" / "report.html").read_text()
     for section in SECTIONS:
         assert f"id='{section}'" in page or f'id="{section}"' in page
@@ -58,3 +59,14 @@ def test_the_dp_batch_follows_the_number_of_people():
     assert dp_batch(DemoOptions(), 743) == 128  # 300 patients' 240 members, canary owners
     assert dp_batch(DemoOptions(dp_epochs=2.5), 743) == 64
     assert dp_batch(DemoOptions(dp_batch_size=7), 743) == 7
+
+
+def test_the_demo_refuses_no_records_per_patient_before_it_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from dpft.cli.main import app
+
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--output", str(out), "--dp-records-per-patient", "0"])
+    assert res.exit_code == 2 and "--dp-records-per-patient" in res.output and "Traceback" not in res.output
+    assert not out.exists()  # refused before the data or the first fine-tune

@@ -30,6 +30,12 @@ def demo(
         "--one-run-canaries",
         help="Canaries of the one-run audit; fewer save training time but cap its ε bound (100: about 2.3).",
     ),
+    dp_records_per_patient: int = typer.Option(
+        _D.dp_records_per_patient,
+        "--dp-records-per-patient",
+        min=1,
+        help="Records each patient gives the DP run (one clipped gradient); fewer save time, cost utility.",
+    ),
 ) -> None:
     """Synthetic records → non-private and DP fine-tunes of the embedded model → audit both → report."""
     from dpft.demo import run_demo
@@ -46,6 +52,7 @@ def demo(
             seed=seed,
             dtype=dtype,
             one_run_canaries=one_run_canaries,
+            dp_records_per_patient=dp_records_per_patient,
         )
     )
 
