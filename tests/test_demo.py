@@ -57,6 +57,7 @@ def test_the_dp_batch_follows_the_number_of_people():
     """Unset, the DP batch keeps the expected steps as one-run canaries (one person each) are added."""
     assert dp_batch(DemoOptions(), 372) == 64  # the demo before its 1000 canaries
     assert dp_batch(DemoOptions(), 743) == 128  # 300 patients' 240 members, canary owners
+    assert dp_batch(DemoOptions(), 992) == 171  # 600 patients' 480 members, canary owners
     assert dp_batch(DemoOptions(dp_epochs=2.5), 743) == 64
     assert dp_batch(DemoOptions(dp_batch_size=7), 743) == 7
 
