@@ -56,8 +56,8 @@ PHASES = ("data", "plain fine-tune", "DP fine-tune", "audits", "report")
 class DemoOptions:
     output: str = "demo-out"
     model: str = EMBEDDED_NAME
-    # 600, not 300: twice the patients per DP step lifted DP exact match from 75.8% to 82.5% (0.81 ->
-    # 0.95 of plain, one run each) for 18 more minutes on 2 AVX2 cores (docs/dp-utility.md).
+    # 600, not 300: twice the patients per DP step lifted DP / plain exact match from 0.81 to 0.95-1.05
+    # (two runs of each model at 600) for 18 more minutes on 2 AVX2 cores (docs/dp-utility.md).
     patients: int = 600
     records_per_patient: tuple[int, ...] = (1, 2, 4, 8)  # patients with 8 records are the ones memorised
     lora_layers: int | None = 15  # top half of SmolLM2's 30 blocks: the 15 below run once per record
@@ -79,7 +79,7 @@ class DemoOptions:
     dp_batch_size: int | None = None  # None: the people over DP_STEPS steps (dp_batch)
     dp_lr: float = 1e-2
     # A patient's records share one clipped gradient, so more of them sharpen its direction at no
-    # privacy cost. With the 1000 canaries (two thirds of each batch), on 2 AVX2 cores: 1 record 65.0%
+    # privacy cost. At 300 patients (canaries two thirds of each batch), on 2 AVX2 cores: 1 record 65.0%
     # exact match, 2 75.8%, 4 78.3% and 75.8% (6.5 more DP minutes), 8 68.3% (docs/dp-utility.md).
     dp_records_per_patient: int = 4
     audit_records: int = 80
