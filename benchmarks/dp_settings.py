@@ -5,7 +5,7 @@
         --variant b128:batch_size=128 --variant b256:batch_size=256 --variant e10:epochs=10 \
         --variant b128e10:batch_size=128,epochs=10 --variant c01:max_grad_norm=0.1 \
         --variant b128c3:batch_size=128,max_grad_norm=3 --variant bc:optimizer=dp-adambc,lr=5e-5 \
-        --variant nodp:no_dp=true,epsilon=none
+        --variant nodp:no_dp=true,epsilon=none --variant b128k4:batch_size=128,max_records_per_user=4
 
 Each `--variant NAME:FIELD=VALUE,...` is the utility benchmark's DP run (`benchmarks/utility.py`'s
 defaults: the demo's LoRA, one record per patient, expected batch 64, 5 epochs, lr 1e-2 linear, C = 1)
